@@ -1,0 +1,89 @@
+"""Stage `evaluate`: test the saved model; report accuracy, per-class figures and the honest gap.
+
+    python src/evaluate.py       # reads `evaluate.batch_size` and the paths
+
+The honest generalization gap is the accuracy on the training images evaluated in inference mode
+(no dropout, no augmentation) minus the validation accuracy; the in-training gap from the history
+(`final_gap`, `worst_gap`) understates it once dropout or augmentation is on. Writes
+`reports/metrics.json`, `reports/confusion.csv` (one row per test image, for `dvc plots`) and PNG
+figures, and logs them to the MLflow run that `train` opened.
+"""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+
+import atomic
+import cli
+import dataset
+import figures
+import tracking
+from cifar import CLASSES
+from params import Params, load_params
+from preprocess import load_split
+
+
+def measure(model: keras.Model, split, batch_size: int) -> tuple[float, float]:
+    """(loss, accuracy) in inference mode, as Keras reports validation figures."""
+    loss, accuracy = model.evaluate(dataset.eval_dataset(split, batch_size), verbose=0)
+    return float(loss), float(accuracy)
+
+
+def honest_gap(model: keras.Model, train_split, val_accuracy: float, batch_size: int) -> float:
+    return measure(model, train_split, batch_size)[1] - val_accuracy
+
+
+def evaluate(params: Params) -> dict:
+    paths, batch = params.paths, params.evaluate.batch_size
+    model = keras.models.load_model(paths.model, safe_mode=True)
+    splits = {name: load_split(paths.processed, name) for name in ("train", "val", "test")}
+    (train_loss, train_acc), (val_loss, val_acc), (test_loss, test_acc) = (
+        measure(model, splits[name], batch) for name in ("train", "val", "test"))
+    test = splits["test"]
+    predicted = np.argmax(model.predict(dataset.eval_dataset(test, batch), verbose=0), axis=1)
+    matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    np.add.at(matrix, (test.labels, predicted), 1)
+    history = pd.read_csv(paths.history)
+    metrics = {
+        "test_loss": test_loss, "test_accuracy": test_acc,
+        "val_loss": val_loss, "val_accuracy": val_acc,
+        "train_accuracy": train_acc, "honest_gap": train_acc - val_acc,
+        "final_gap": float(history["gap"].iloc[-1]), "worst_gap": float(history["gap"].max()),
+        "per_class_accuracy": {cls: float(matrix[i, i] / max(1, matrix[i].sum()))
+                               for i, cls in enumerate(CLASSES)},
+    }
+    confusion = pd.DataFrame({"actual": [CLASSES[i] for i in test.labels],
+                              "predicted": [CLASSES[i] for i in predicted]})
+    with atomic.atomic_path(paths.confusion) as tmp:
+        confusion.to_csv(tmp, index=False)
+    with atomic.atomic_dir(paths.figures) as tmp:
+        figures.learning_curves(history, tmp / "learning_curves.png")
+        figures.confusion_matrix(matrix, CLASSES, tmp / "confusion_matrix.png")
+    atomic.write_json(paths.metrics, metrics)
+
+    run_id = json.loads(open(paths.train_run).read())["mlflow_run_id"]
+    tracking.configure(params.mlflow.experiment)
+    with tracking.run(run_id=run_id):
+        mlflow.log_metrics({key: value for key, value in metrics.items()
+                            if not isinstance(value, dict)})
+        mlflow.log_metrics({f"test_accuracy.{cls}": value
+                            for cls, value in metrics["per_class_accuracy"].items()})
+        mlflow.log_artifacts(paths.figures, artifact_path="figures")
+        mlflow.log_artifact(paths.metrics)
+        mlflow.log_artifact(paths.confusion)
+    return metrics
+
+
+def main() -> None:
+    metrics = evaluate(load_params())
+    print(f"evaluate: test_accuracy {metrics['test_accuracy']:.4f}, "
+          f"honest_gap {metrics['honest_gap']:.4f}")
+
+
+if __name__ == "__main__":
+    cli.run("evaluate", main)

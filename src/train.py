@@ -1,0 +1,181 @@
+"""Stage `train`: fit the seed's CNN on the training split, tracked in MLflow, resumable.
+
+    python src/train.py          # reads `seed`, `model.*`, `train.*` and the paths
+
+Writes `models/model.keras`, the per-epoch history (`reports/history.csv`: loss, accuracy,
+val_loss, val_accuracy and the in-training gap accuracy - val_accuracy) and `reports/train.json`
+(the MLflow run id that `evaluate` continues). After every epoch a checkpoint is saved; when the
+stage is killed, the next run resumes from the last completed epoch in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+
+import atomic
+import cli
+import dataset
+import devices
+import tracking
+from checkpoint import Checkpoint, fingerprint
+from cifar import Split
+from model import build_model
+from params import Params, load_params
+from preprocess import load_split
+
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+@dataclass
+class FitResult:
+    model: keras.Model
+    history: list[dict]  # one row per completed epoch, from the first
+    stopped_early: bool
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Fail loudly: a NaN loss is an error, not a finished run."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise cli.StageError(f"loss became {loss} in epoch {epoch + 1}; nothing was saved")
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Append each epoch's row (with the gap) to `history`, then call `on_epoch(model, history)`."""
+
+    def __init__(self, history: list[dict], on_epoch=None):
+        super().__init__()
+        self.history = history
+        self.on_epoch = on_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_KEYS if k in logs}}
+        row["gap"] = row["accuracy"] - row["val_accuracy"]
+        self.history.append(row)
+        if self.on_epoch:
+            self.on_epoch(self.model, self.history)
+
+
+def compile_model(model: keras.Model, params: Params, steps: int, xla: bool) -> None:
+    train = params.train
+    rate = train.learning_rate
+    if train.lr_schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=train.epochs * steps)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=rate, momentum=train.momentum),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=xla,
+    )
+
+
+def fit(params: Params, train_split: Split, val_split: Split,
+        callbacks: Sequence[keras.callbacks.Callback] = (), resume: tuple | None = None,
+        on_epoch=None, verbose: int | None = None) -> FitResult:
+    """Train from scratch, or from `resume` = (model, history), up to `train.epochs` epochs.
+
+    `on_epoch(model, history)` runs after every epoch (checkpointing, logging).
+    """
+    strategy, xla = devices.configure(params.train, params.seed)
+    steps = dataset.steps_per_epoch(len(train_split), params.train.batch_size)
+    history = list(resume[1]) if resume else []
+    with strategy.scope():
+        if resume:
+            model = resume[0]
+        else:
+            model = build_model(params.model, params.seed)
+            compile_model(model, params, steps, xla)
+    patience = params.train.early_stopping_patience
+    stop = [keras.callbacks.EarlyStopping("val_accuracy", patience=patience,
+                                          restore_best_weights=True)] if patience else []
+    model.fit(
+        dataset.train_dataset(train_split, params.train.batch_size, params.seed, len(history),
+                              params.train.epochs),
+        validation_data=dataset.eval_dataset(val_split, params.evaluate.batch_size),
+        epochs=params.train.epochs, initial_epoch=len(history), steps_per_epoch=steps,
+        callbacks=[StopOnNaN(), EpochLog(history, on_epoch), *stop, *callbacks],
+        verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2))
+    return FitResult(model, history, stopped_early=len(history) < params.train.epochs)
+
+
+def _flat(section: str, values: dict) -> dict:
+    return {f"{section}.{key}": value for key, value in values.items()}
+
+
+def _sync_metrics(run_id: str, history: list[dict]) -> None:
+    """Log the epochs MLflow lacks: one point per epoch, none missing or doubled after a resume."""
+    client = mlflow.tracking.MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
+    for row in history:
+        if row["epoch"] not in logged:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+
+def log_model(model: keras.Model, sample: np.ndarray) -> None:
+    """Log the model so that `mlflow.pyfunc.load_model` predicts on raw uint8 images."""
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(sample, model.predict(sample, verbose=0))
+    mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=sample)
+
+
+def train(params: Params) -> dict:
+    paths = params.paths
+    train_split = load_split(paths.processed, "train")
+    val_split = load_split(paths.processed, "val")
+    data_files = tuple(Path(paths.processed) / f"{name}.npz" for name in ("train", "val"))
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(
+        params.seed, params.model.model_dump(), params.train.model_dump(), files=data_files))
+    saved = checkpoint.load()
+    tracking.configure(params.mlflow.experiment)
+    with tracking.run(run_id=saved[1].run_id if saved else None,
+                      tags=tracking.provenance_tags(params.data.md5)) as run:
+        run_id = run.info.run_id
+        if saved:
+            print(f"train: resuming after epoch {saved[1].epochs_done} (MLflow run {run_id})")
+            _sync_metrics(run_id, saved[1].history)
+        else:
+            mlflow.log_params({"seed": params.seed, "data.md5": params.data.md5,
+                               "data.train_images": len(train_split),
+                               "data.val_images": len(val_split),
+                               **_flat("model", params.model.model_dump()),
+                               **_flat("train", params.train.model_dump())})
+
+        def after_epoch(model, history):
+            checkpoint.save(model, len(history), run_id, history)
+            _sync_metrics(run_id, history)
+
+        result = fit(params, train_split, val_split, on_epoch=after_epoch,
+                     resume=(saved[0], saved[1].history) if saved else None)
+        with atomic.atomic_path(paths.model, suffix=".keras") as tmp:
+            result.model.save(tmp)
+        history = pd.DataFrame(result.history)
+        with atomic.atomic_path(paths.history) as tmp:
+            history.to_csv(tmp, index=False, float_format="%.6f")
+        mlflow.log_artifact(paths.history)
+        log_model(result.model, val_split.images[:2])
+        summary = {"mlflow_run_id": run_id, "epochs": len(result.history),
+                   "stopped_early": result.stopped_early, **result.history[-1]}
+        atomic.write_json(paths.train_run, summary)
+    checkpoint.clear()
+    return summary
+
+
+def main() -> None:
+    summary = train(load_params())
+    print(f"train: {summary}")
+
+
+if __name__ == "__main__":
+    cli.run("train", main)
