@@ -69,8 +69,10 @@ def evaluate(params: Params) -> dict:
     run_id = json.loads(open(paths.train_run).read())["mlflow_run_id"]
     tracking.configure(params.mlflow.experiment)
     with tracking.run(run_id=run_id):
+        # val_loss/val_accuracy already have one point per epoch from train; same figures
         mlflow.log_metrics({key: value for key, value in metrics.items()
-                            if not isinstance(value, dict)})
+                            if not isinstance(value, dict) and key not in ("val_loss",
+                                                                            "val_accuracy")})
         mlflow.log_metrics({f"test_accuracy.{cls}": value
                             for cls, value in metrics["per_class_accuracy"].items()})
         mlflow.log_artifacts(paths.figures, artifact_path="figures")

@@ -26,7 +26,7 @@ from urllib3.util.retry import Retry
 import cli
 from params import load_params
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # a cut connection loses at most one chunk of progress
 TIMEOUT = (10, 30)  # seconds: connect, between bytes
 
 

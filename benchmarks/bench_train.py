@@ -1,0 +1,393 @@
+"""Benchmark of the train stage: the pipeline's `train.fit` against the seed's plain Keras script.
+
+    python benchmarks/bench_train.py            # 4096 generated images, 3 epochs, 2 rounds
+    python benchmarks/bench_train.py --images 256 --epochs 2 --rounds 1 --json bench.json  # smoke
+    python benchmarks/bench_train.py --archive data/raw/cifar-10-binary.tar.gz --repo .
+
+Trains the default model (params.yaml `model`, `train.batch_size`) on the same images for the same
+number of steps two ways, alternating A B A B, every run in a fresh child process (no state leaks
+from one to the next, and each child's ru_maxrss is that run's peak memory):
+  A  the pipeline: `train.fit` with params.yaml shrunk to --epochs (tf.data input, the stage's
+     precision / XLA / strategy choices, validation batch `evaluate.batch_size`);
+  B  the seed's way: `model.fit` on uint8 / one-hot numpy arrays, SGD(0.01), Keras defaults
+     otherwise (float32; validation batch = training batch).
+A Keras callback times each epoch from `on_epoch_begin` to `on_epoch_end` (training and validation)
+and the training phase alone (up to `on_test_begin`). Throughput is training images per second over
+epochs 2..E: the first epoch, which traces and compiles, is reported apart (used only when E is 1).
+Then it times the input pipeline alone, one epoch's `mlflow.log_metrics` against a sqlite store in
+a temporary directory, a checkpoint save, `preprocess` of the archive (with --archive) and a
+`dvc repro` with nothing to do (with --repo, when that pipeline is up to date). It asserts nothing:
+timings depend on the machine and on whatever else runs on it.
+
+Images: the archive's training split (`cifar.read_archive` + `preprocess.split`, first --images of
+it) and the first quarter as many of its validation images, or random uint8 images without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # a script beside the stages, run without installing them
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import atomic  # noqa: E402
+import cifar  # noqa: E402
+import cli  # noqa: E402
+import preprocess  # noqa: E402
+from params import Params, load_params  # noqa: E402
+
+# TensorFlow is imported only inside functions: the parent holds no GPU while its children train.
+KINDS = {"A": "pipeline train.fit", "B": "seed Keras script"}
+
+
+def shrink(params: Params, epochs: int) -> Params:
+    return params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_images(archive: str | None, images: int, params: Params
+                ) -> tuple[cifar.Split, cifar.Split]:
+    """(train, val): --images training images and a quarter as many validation images."""
+    if archive:
+        train, test = cifar.read_archive(archive)
+        splits = preprocess.split(train, test, params.data.val_size, train_limit=images)
+        val = splits["val"]
+        n_val = max(1, len(splits["train"]) // 4)
+        return splits["train"], cifar.Split(val.images[:n_val], val.labels[:n_val])
+    rng = np.random.default_rng(params.seed)
+
+    def generated(n: int) -> cifar.Split:
+        return cifar.Split(rng.integers(0, 256, (n, *cifar.IMAGE_SHAPE), dtype=np.uint8),
+                           rng.integers(0, len(cifar.CLASSES), n, dtype=np.uint8))
+
+    return generated(images), generated(max(1, images // 4))
+
+
+def timer_callback():
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        """Wall time of every epoch (training + validation) and of its training phase."""
+
+        def __init__(self):
+            super().__init__()
+            self.epochs: list[dict] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start, self.train_end = time.perf_counter(), None
+
+        def on_test_begin(self, logs=None):
+            self.train_end = self.train_end or time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            end = time.perf_counter()
+            self.epochs.append({"seconds": end - self.start,
+                                "train_seconds": (self.train_end or end) - self.start})
+
+    return EpochTimer()
+
+
+def seed_fit(params: Params, train: cifar.Split, val: cifar.Split, callback):
+    """The seed's script: same model, plain SGD(0.01), `fit` on numpy arrays."""
+    import keras
+
+    from model import NUM_CLASSES, build_model
+
+    keras.utils.set_random_seed(params.seed)
+    model = build_model(params.model, params.seed)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    onehot = keras.utils.to_categorical
+    model.fit(train.images, onehot(train.labels, NUM_CLASSES),
+              batch_size=params.train.batch_size, epochs=params.train.epochs,
+              validation_data=(val.images, onehot(val.labels, NUM_CLASSES)),
+              callbacks=[callback], verbose=0)
+    return model
+
+
+def child(kind: str, data: str, epochs: int, result_path: str) -> None:
+    """One training run (A or B); writes its epoch times and peak memory as JSON."""
+    import tensorflow as tf
+
+    if kind == "A":
+        import train as stage  # before the first memory reading, as B's imports are
+
+    with np.load(data, allow_pickle=False) as arrays:
+        train = cifar.Split(arrays["train_images"], arrays["train_labels"])
+        val = cifar.Split(arrays["val_images"], arrays["val_labels"])
+    params = shrink(load_params(ROOT / "params.yaml"), epochs)
+    timer = timer_callback()
+    result = {"kind": kind, "peak_rss_mib_before_fit": peak_rss_mib()}
+    if kind == "A":
+        fitted = stage.fit(params, train, val, callbacks=[timer], verbose=0)
+        model, history = fitted.model, fitted.history
+    else:
+        model, history = seed_fit(params, train, val, timer), []
+    result |= {"epochs": timer.epochs, "peak_rss_mib": peak_rss_mib()}
+    if tf.config.list_logical_devices("GPU"):
+        result["gpu_peak_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    if kind == "A":  # what the stage adds per epoch besides MLflow
+        from checkpoint import Checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            saver = Checkpoint(tmp, "bench")
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                saver.save(model, len(history), "bench", history)
+                times.append(time.perf_counter() - start)
+        result["checkpoint_save_s"] = statistics.median(times)
+    Path(result_path).write_text(json.dumps(result))
+
+
+def run_child(kind: str, data: Path, epochs: int, workdir: Path, round_: int) -> dict:
+    result_path = workdir / f"{kind}{round_}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", str(data),
+               "--epochs", str(epochs), "--child-result", str(result_path)]
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"bench_train: run {kind} of round {round_} failed:\n{done.stderr[-4000:]}")
+    return json.loads(result_path.read_text())
+
+
+def steady(epochs: list[dict]) -> list[dict]:
+    return epochs[1:] or epochs
+
+
+def spread(values: list[float]) -> dict:
+    median = statistics.median(values)
+    return {"median": median, "min": min(values), "max": max(values),
+            "spread_pct": 100 * (max(values) - min(values)) / median, "per_round": values}
+
+
+def summarize(runs: list[dict], images: int) -> dict:
+    rate = {key: [images * len(steady(r["epochs"])) / sum(e[key] for e in steady(r["epochs"]))
+                  for r in runs] for key in ("seconds", "train_seconds")}
+    summary = {
+        "images_per_second": spread(rate["seconds"]),
+        "train_phase_images_per_second": spread(rate["train_seconds"]),
+        "epoch_s": statistics.median(e["seconds"] for r in runs for e in steady(r["epochs"])),
+        "first_epoch_s": statistics.median(r["epochs"][0]["seconds"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "peak_rss_mib_before_fit": max(r["peak_rss_mib_before_fit"] for r in runs),
+        "runs": runs}
+    for key in ("gpu_peak_mib", "checkpoint_save_s"):
+        if key in runs[0]:
+            summary[key] = statistics.median(r[key] for r in runs)
+    return summary
+
+
+def time_input_pipeline(train: cifar.Split, params: Params) -> dict:
+    """Images/s of `dataset.train_dataset` alone over the same epochs, after its first batch."""
+    import dataset
+
+    iterator = iter(dataset.train_dataset(train, params.train.batch_size, params.seed, 0,
+                                          params.train.epochs))
+    next(iterator)  # builds the pipeline
+    images, start = 0, time.perf_counter()
+    for batch, _ in iterator:
+        images += int(batch.shape[0])
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": seconds,
+            "images_per_second": images / seconds if seconds > 0 else float("inf")}
+
+
+def time_mlflow(calls: int = 20) -> dict:
+    """One epoch's `log_metrics` row, and train.py's per-epoch sync, against a new sqlite store."""
+    import logging
+
+    import mlflow
+
+    import train as stage
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its table creation notices
+    row = dict.fromkeys((*stage.HISTORY_KEYS, "gap"), 0.5)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        experiment = mlflow.create_experiment("bench", (Path(tmp) / "mlruns").as_uri())
+        setup = time.perf_counter() - start
+        client = mlflow.tracking.MlflowClient()
+        log, sync = [], []
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_metrics(row, step=0)  # the run's first write
+            for step in range(1, calls + 1):
+                start = time.perf_counter()
+                mlflow.log_metrics(row, step=step)
+                log.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                client.get_metric_history(run.info.run_id, "val_accuracy")
+                sync.append(time.perf_counter() - start + log[-1])
+    return {"store_setup_s": setup, "log_metrics_s": statistics.median(log),
+            "per_epoch_sync_s": statistics.median(sync), "calls": calls}
+
+
+def time_preprocess(archive: str, params: Params) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        summary = preprocess.preprocess(archive, Path(tmp) / "processed", Path(tmp) / "data.json",
+                                        params.data.val_size, params.data.train_limit)
+        return {"seconds": time.perf_counter() - start, "counts": summary["counts"]}
+
+
+def time_dvc_repro(repo: str) -> dict:
+    """A `dvc repro` in `repo`, only after `dvc status` says it has nothing to do."""
+    dvc = [sys.executable, "-m", "dvc"]
+    if not (Path(repo) / "dvc.yaml").is_file():
+        return {"skipped": f"{repo} has no dvc.yaml"}
+    status = subprocess.run([*dvc, "status", "--quiet"], cwd=repo, capture_output=True, text=True)
+    if status.returncode:
+        why = (status.stderr.strip().splitlines() or ["stages changed or outputs missing"])[-1]
+        return {"skipped": f"the pipeline in {repo} is not up to date ({why}): a repro would "
+                           "run stages"}
+    start = time.perf_counter()
+    done = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode or "Running stage" in done.stdout:
+        return {"skipped": f"dvc repro did not finish as a no-op: {done.stdout[-300:]}"
+                           f"{done.stderr[-300:]}"}
+    return {"seconds": seconds}
+
+
+def environment() -> dict:
+    import keras
+    import tensorflow as tf
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    return {"command": " ".join(sys.argv), "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "cpus": os.cpu_count(),
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", help="CIFAR-10 binary archive (default: random images)")
+    parser.add_argument("--images", type=positive, default=4096, help="training images used")
+    parser.add_argument("--epochs", type=positive, default=3, help="epochs of every run")
+    parser.add_argument("--rounds", type=positive, default=2, help="A B rounds")
+    parser.add_argument("--repo", help="time a no-op `dvc repro` in this repository")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    for hidden in ("--child", "--data", "--child-result"):  # one training run in a child process
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def report(results: dict) -> None:
+    env, config = results["environment"], results["config"]
+    print(f"bench_train: {env['command']}\n  commit {env['commit']} (dirty: {env['dirty']}), "
+          f"python {env['python']}, tensorflow {env['tensorflow']}, keras {env['keras']}, "
+          f"{env['cpus']} CPUs, GPUs: {', '.join(env['gpus']) or 'none'}")
+    print(f"  data: {config['data']}; {config['train_images']} train / {config['val_images']} val "
+          f"images, batch {config['batch_size']} -> {config['steps_per_epoch']} steps per epoch, "
+          f"{config['epochs']} epochs x {config['rounds']} rounds (A B alternating, "
+          "each run in a fresh process)")
+    a = results["A"]
+    print(f"training throughput: training images / epoch wall time (train + validation), "
+          f"{config['measured_epochs']}; median over rounds (min..max, spread)")
+    for kind in KINDS:
+        side = results[kind]
+        rate, phase = side["images_per_second"], side["train_phase_images_per_second"]
+        print(f"  {kind} {KINDS[kind]:19} {rate['median']:8.1f} img/s ({rate['min']:.1f}.."
+              f"{rate['max']:.1f}, {rate['spread_pct']:.1f}%, n={len(rate['per_round'])})  "
+              f"epoch {side['epoch_s']:.2f} s, first epoch {side['first_epoch_s']:.2f} s; "
+              f"train phase alone {phase['median']:.1f} img/s")
+    print(f"  ratio A/B: {results['ratio_a_over_b']:.3f} "
+          f"(train phase alone: {results['ratio_a_over_b_train_phase']:.3f})")
+    print("peak memory (ru_maxrss of the child; before fit = imports and data):")
+    for kind in KINDS:
+        side = results[kind]
+        gpu = f", GPU peak {side['gpu_peak_mib']:.0f} MiB" if "gpu_peak_mib" in side else ""
+        print(f"  {kind} {side['peak_rss_mib']:.0f} MiB (before fit "
+              f"{side['peak_rss_mib_before_fit']:.0f} MiB){gpu}")
+    pipe, mlf = results["input_pipeline"], results["mlflow"]
+    print(f"input pipeline alone (dataset.train_dataset, {pipe['images']} images after the first "
+          f"batch): {pipe['images_per_second']:.0f} img/s")
+    epoch = a["epoch_s"]
+    log, sync = mlf["log_metrics_s"], mlf["per_epoch_sync_s"]
+    print(f"MLflow (sqlite, median of {mlf['calls']} calls): log_metrics of one epoch's row "
+          f"{1000 * log:.1f} ms = {100 * log / epoch:.3f}% of an A epoch ({epoch:.2f} s); with "
+          f"train.py's history query {1000 * sync:.1f} ms = {100 * sync / epoch:.3f}%; "
+          f"store setup {mlf['store_setup_s']:.2f} s, once per stage")
+    print(f"checkpoint save (train stage, every epoch, not in A's figure): "
+          f"{a['checkpoint_save_s']:.3f} s = {100 * a['checkpoint_save_s'] / epoch:.2f}% of an "
+          "A epoch")
+    prep, repro = results["preprocess"], results["dvc_repro"]
+    print("preprocess of the full archive: " + (
+        f"skipped ({prep['skipped']})" if "skipped" in prep
+        else f"{prep['seconds']:.2f} s (archive in the page cache) -> {prep['counts']}"))
+    print("dvc repro with nothing to do: " + (
+        f"skipped ({repro['skipped']})" if "skipped" in repro
+        else f"{repro['seconds']:.2f} s ({results['config']['repo']})"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child(args.child, args.data, args.epochs, args.child_result)
+        return
+    params = shrink(load_params(ROOT / "params.yaml"), args.epochs)
+    train, val = load_images(args.archive, args.images, params)
+    batch = params.train.batch_size
+    config = {"data": f"archive {args.archive}" if args.archive else "generated random images",
+              "train_images": len(train), "val_images": len(val), "batch_size": batch,
+              "steps_per_epoch": -(-len(train) // batch), "epochs": args.epochs,
+              "rounds": args.rounds, "repo": args.repo, "model": params.model.model_dump(),
+              "measured_epochs": f"epochs 2..{args.epochs}" if args.epochs > 1
+              else "epoch 1 only (compile included)"}
+    runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "images.npz"
+        np.savez(data, train_images=train.images, train_labels=train.labels,
+                 val_images=val.images, val_labels=val.labels)
+        for round_ in range(1, args.rounds + 1):
+            for kind in KINDS:
+                run = run_child(kind, data, args.epochs, Path(tmp), round_)
+                runs[kind].append(run)
+                times = ", ".join(f"{e['seconds']:.2f}" for e in run["epochs"])
+                print(f"round {round_} {kind} ({KINDS[kind]}): epochs {times} s", flush=True)
+    results = {"config": config, "environment": environment(),
+               **{kind: summarize(runs[kind], len(train)) for kind in KINDS}}
+    for key, suffix in (("images_per_second", ""),
+                        ("train_phase_images_per_second", "_train_phase")):
+        results[f"ratio_a_over_b{suffix}"] = (
+            results["A"][key]["median"] / results["B"][key]["median"])
+    results["input_pipeline"] = time_input_pipeline(train, params)
+    results["mlflow"] = time_mlflow()
+    results["preprocess"] = (time_preprocess(args.archive, params) if args.archive
+                             else {"skipped": "no --archive"})
+    results["dvc_repro"] = time_dvc_repro(args.repo) if args.repo else {"skipped": "no --repo"}
+    report(results)
+    if args.json:
+        atomic.write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    cli.run("bench_train", main)

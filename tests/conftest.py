@@ -1,0 +1,194 @@
+"""Shared fixtures: a tiny CIFAR-10 archive in the official binary layout, a loopback HTTP server
+that can misbehave on purpose, and a temporary copy of the project with params.yaml shrunk."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ruamel.yaml import YAML
+
+import cifar
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("src", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+                 ".gitignore", "pyproject.toml")
+
+
+def make_archive(path: Path, per_batch: int = 60, test: int = 60, seed: int = 0,
+                 batches: dict[str, bytes] | None = None) -> str:
+    """Write a tiny archive (5 training batches + test batch); return its md5.
+
+    Images are class-dependent colour blobs plus noise, so a tiny model can learn something.
+    `batches` replaces members' payloads by name (for corrupt-archive tests).
+    """
+    rng = np.random.default_rng(seed)
+
+    def batch(n: int) -> bytes:
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        base = (labels[:, None, None, None] * 25).astype(np.int16)
+        images = np.clip(base + rng.integers(0, 60, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+        return cifar.encode_batch(images, labels)
+
+    members = {name: batch(per_batch) for name in cifar.TRAIN_MEMBERS}
+    members[cifar.TEST_MEMBER] = batch(test)
+    members.update(batches or {})
+    with tarfile.open(path, "w:gz") as out:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            out.addfile(info, io.BytesIO(payload))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("archive") / "cifar-10-binary.tar.gz"
+    return path, make_archive(path)
+
+
+@dataclass
+class Faults:
+    """How the server misbehaves; counters go down as requests are served."""
+    cut_after: int | None = None   # close the connection after this many body bytes (once)
+    ranges: bool = True            # honour Range requests with 206
+    errors: list[int] = field(default_factory=list)  # statuses to answer first, in order
+    requests: list[str] = field(default_factory=list)  # Range headers seen ("" when none)
+
+
+class ArchiveServer:
+    def __init__(self, payload: bytes):
+        self.payload = payload
+        self.faults = Faults()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                faults = server.faults
+                faults.requests.append(self.headers.get("Range", ""))
+                if self.path != "/cifar-10-binary.tar.gz":
+                    self.send_error(404)
+                    return
+                if faults.errors:
+                    self.send_error(faults.errors.pop(0))
+                    return
+                start = 0
+                if faults.ranges and self.headers.get("Range"):
+                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
+                    if start >= len(server.payload):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range",
+                                     f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
+                else:
+                    self.send_response(200)
+                body = server.payload[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if faults.cut_after is not None:
+                    cut, faults.cut_after = faults.cut_after, None
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/cifar-10-binary.tar.gz"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tiny_archive):
+    with ArchiveServer(tiny_archive[0].read_bytes()) as running:
+        yield running
+
+
+TINY = {  # the real params.yaml, shrunk: a small model, few images, two epochs
+    "data": {"val_size": 60},
+    "model": {"filters": [8, 16, 16, 16], "dense_units": [16, 16, 16, 16]},
+    "train": {"epochs": 2},
+    "evaluate": {"batch_size": 64},
+}
+
+
+def update_params(path: Path, overrides: dict) -> None:
+    """Apply nested `overrides` to the YAML file at `path`, keeping its comments."""
+    yaml = YAML()
+    doc = yaml.load(path)
+
+    def merge(node, changes):
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                merge(node[key], value)
+            else:
+                node[key] = value
+
+    merge(doc, overrides)
+    yaml.dump(doc, path)
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this venv's python and dvc first, no outside MLflow server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONUNBUFFERED"] = "1"
+    for role in ("AUTHOR", "COMMITTER"):  # dvc exp run commits; CI may have no git identity
+        env.setdefault(f"GIT_{role}_NAME", "test")
+        env.setdefault(f"GIT_{role}_EMAIL", "test@localhost")
+    return env | extra
+
+
+def sh(*args: str, cwd: Path, check: bool = True, **extra_env: str
+       ) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=tool_env(**extra_env), capture_output=True,
+                            text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture
+def project(tmp_path, tiny_archive) -> Path:
+    """A git + DVC copy of the project in tmp_path whose params read the tiny archive."""
+    archive, md5 = tiny_archive
+    root = tmp_path / "project"
+    for name in PROJECT_FILES:
+        source, target = ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    (root / "mlruns").mkdir()
+    update_params(root / "params.yaml", TINY | {"data": TINY["data"] | {
+        "source": archive.as_uri(), "md5": md5}})
+    sh("git", "init", "-q", "-b", "main", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "init", cwd=root)
+    return root

@@ -1,0 +1,35 @@
+"""benchmarks/bench_train.py runs end to end on a tiny budget: generated images, no network.
+
+It checks that the benchmark works, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_budget(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--images", "256",
+         "--epochs", "2", "--rounds", "1", "--repo", str(tmp_path), "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for kind in ("A", "B"):
+        assert data[kind]["images_per_second"]["median"] > 0
+        assert len(data[kind]["runs"]) == 1
+    assert data["ratio_a_over_b"] > 0
+    assert data["input_pipeline"]["images_per_second"] > 0
+    assert "skipped" in data["preprocess"]           # no --archive
+    assert "no dvc.yaml" in data["dvc_repro"]["skipped"]  # tmp_path is no DVC repository
+    assert "ratio A/B" in result.stdout
+    assert list(tmp_path.iterdir()) == [out]        # nothing written beside the JSON

@@ -1,0 +1,94 @@
+"""`dvc repro` end to end in a temporary copy of the project, on the tiny archive and a shrunk config."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import sh, update_params
+from params import load_params
+from preprocess import load_split
+
+pytestmark = pytest.mark.slow
+
+METRIC_KEYS = {"test_loss", "test_accuracy", "val_loss", "val_accuracy", "train_accuracy",
+               "honest_gap", "final_gap", "worst_gap", "per_class_accuracy"}
+
+
+def runs_of(project, experiment="cifar10-alexnet"):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_repro_end_to_end(project):
+    out = sh("dvc", "repro", cwd=project)
+    for stage in ("fetch", "preprocess", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in out.stdout
+
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert METRIC_KEYS <= metrics.keys()
+    assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["per_class_accuracy"]) == 10
+    history = pd.read_csv(project / "reports/history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    # evaluation from the saved model measures what the last epoch's validation measured
+    assert metrics["val_accuracy"] == pytest.approx(history["val_accuracy"].iloc[-1], abs=1e-6)
+    assert metrics["final_gap"] == pytest.approx(history["gap"].iloc[-1], abs=1e-6)
+    assert (project / "reports/figures/confusion_matrix.png").stat().st_size > 0
+
+    (run,) = runs_of(project)
+    assert run.info.status == "FINISHED"
+    client = mlflow.tracking.MlflowClient()
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "gap"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.dropout"] == "0.1"
+    tags = run.data.tags
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert tags["data.md5"] == load_params(project / "params.yaml").data.md5
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"history.csv", "metrics.json", "confusion.csv", "figures"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures == {"figures/confusion_matrix.png", "figures/learning_curves.png"}
+    assert (project / "mlruns").is_dir() and (project / "mlflow.db").is_file()
+
+    # the logged model predicts on raw uint8 images
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    images = load_split(project / "data/processed", "test").images[:4]
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (4, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+
+    # nothing changed: nothing runs
+    again = sh("dvc", "repro", cwd=project)
+    assert "Running stage" not in again.stdout
+    assert len(runs_of(project)) == 1
+
+    # a train.* change reruns train and evaluate only
+    update_params(project / "params.yaml", {"train": {"epochs": 1}})
+    partial = sh("dvc", "repro", cwd=project)
+    assert "Running stage 'train'" in partial.stdout
+    assert "Running stage 'evaluate'" in partial.stdout
+    assert "Running stage 'fetch'" not in partial.stdout
+    assert "Running stage 'preprocess'" not in partial.stdout
+
+    assert "test_accuracy" in sh("dvc", "metrics", "show", cwd=project).stdout
+    sh("dvc", "plots", "show", "--out", str(project / "plots_out"), cwd=project)
+    assert (project / "plots_out" / "index.html").is_file()
+
+
+def test_exp_run_lands_in_the_same_store(project):
+    sh("dvc", "repro", cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "baseline", cwd=project)
+    sh("dvc", "exp", "run", "-S", "train.epochs=1", "--temp", "-n", "one-epoch", cwd=project)
+    show = sh("dvc", "exp", "show", "--no-pager", "--csv", cwd=project).stdout
+    assert "one-epoch" in show
+    runs = runs_of(project)
+    assert len(runs) == 2
+    by_name = {r.data.tags.get("dvc.exp_name"): r for r in runs}
+    assert "one-epoch" in by_name
+    assert by_name["one-epoch"].data.params["train.epochs"] == "1"
