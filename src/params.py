@@ -36,6 +36,7 @@ class Paths(_Section):
     metrics: str
     confusion: str
     figures: str
+    best_params: str
 
 
 class Data(_Section):
@@ -126,3 +127,35 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml."""
     return parse_params(read_yaml(path), source=str(path))
+
+
+def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of loaded params with dotted keys replaced, e.g. {"train.epochs": 2}."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    with_overrides_in_place(result, overrides)
+    return result
+
+
+def update_yaml(path: str | Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys in the YAML file at `path` in place, keeping its comments and layout."""
+    import atomic
+
+    yaml = YAML()  # round-trip mode
+    yaml.preserve_quotes = True
+    document = yaml.load(Path(path))
+    with_overrides_in_place(document, overrides)
+    with atomic.atomic_path(path) as tmp, open(tmp, "w") as out:
+        yaml.dump(document, out)
+
+
+def with_overrides_in_place(document: Any, overrides: dict[str, Any]) -> None:
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = document
+        for section in sections:
+            node = node[section]
+        if key not in node:
+            raise ParamsError(f"{dotted}: unknown key")
+        node[key] = value

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ruamel.yaml import YAML
 
 import cifar
+from params import update_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("src", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
@@ -128,27 +128,12 @@ def server(tiny_archive):
 
 
 TINY = {  # the real params.yaml, shrunk: a small model, few images, two epochs
-    "data": {"val_size": 60},
-    "model": {"filters": [8, 16, 16, 16], "dense_units": [16, 16, 16, 16]},
-    "train": {"epochs": 2},
-    "evaluate": {"batch_size": 64},
+    "data.val_size": 60,
+    "model.filters": [8, 16, 16, 16],
+    "model.dense_units": [16, 16, 16, 16],
+    "train.epochs": 2,
+    "evaluate.batch_size": 64,
 }
-
-
-def update_params(path: Path, overrides: dict) -> None:
-    """Apply nested `overrides` to the YAML file at `path`, keeping its comments."""
-    yaml = YAML()
-    doc = yaml.load(path)
-
-    def merge(node, changes):
-        for key, value in changes.items():
-            if isinstance(value, dict):
-                merge(node[key], value)
-            else:
-                node[key] = value
-
-    merge(doc, overrides)
-    yaml.dump(doc, path)
 
 
 def tool_env(**extra: str) -> dict[str, str]:
@@ -186,8 +171,7 @@ def project(tmp_path, tiny_archive) -> Path:
         else:
             shutil.copy2(source, target)
     (root / "mlruns").mkdir()
-    update_params(root / "params.yaml", TINY | {"data": TINY["data"] | {
-        "source": archive.as_uri(), "md5": md5}})
+    update_yaml(root / "params.yaml", TINY | {"data.source": archive.as_uri(), "data.md5": md5})
     sh("git", "init", "-q", "-b", "main", cwd=root)
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "init", cwd=root)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sh, update_params
-from params import load_params
+from conftest import sh
+from params import load_params, update_yaml
 from preprocess import load_split
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_repro_end_to_end(project):
     assert len(runs_of(project)) == 1
 
     # a train.* change reruns train and evaluate only
-    update_params(project / "params.yaml", {"train": {"epochs": 1}})
+    update_yaml(project / "params.yaml", {"train.epochs": 1})
     partial = sh("dvc", "repro", cwd=project)
     assert "Running stage 'train'" in partial.stdout
     assert "Running stage 'evaluate'" in partial.stdout

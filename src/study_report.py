@@ -1,0 +1,114 @@
+"""The report of an Optuna study, attached to its MLflow parent run.
+
+A table of all trials (CSV), the optimization history, the parameter importances and validation
+accuracy against the honest gap (PNGs); the best trial's MLflow run is tagged `optuna.best=true`.
+Returns the best point: the highest validation accuracy (on the Pareto front when the study is
+multi-objective).
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from ruamel.yaml import YAML  # noqa: E402
+
+from search_space import Tune  # noqa: E402
+
+
+def yaml_text(data: dict) -> str:
+    stream = io.StringIO()
+    YAML().dump(data, stream)
+    return stream.getvalue()
+
+
+def _accuracy(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.values[0]
+
+
+def _save(axes_or_figure, path: Path) -> None:
+    figure = getattr(axes_or_figure, "figure", axes_or_figure)
+    figure.set_size_inches(8, 5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plots(study: optuna.Study, complete: list, folder: Path) -> None:
+    multi = len(study.directions) > 1
+    target = {"target": _accuracy, "target_name": "val accuracy"} if multi else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _save(optuna.visualization.matplotlib.plot_optimization_history(study, **target),
+              folder / "optimization_history.png")
+        if len(complete) >= 2:
+            _save(optuna.visualization.matplotlib.plot_param_importances(study, **target),
+                  folder / "param_importances.png")
+    figure, axes = plt.subplots()
+    front = {t.number for t in study.best_trials} if multi else set()
+    for trial in complete:
+        axes.scatter(trial.user_attrs.get("honest_gap"), _accuracy(trial),
+                     color="tab:red" if trial.number in front else "tab:blue")
+        axes.annotate(str(trial.number), (trial.user_attrs.get("honest_gap"), _accuracy(trial)),
+                      fontsize=7)
+    axes.set(xlabel="honest gap (train acc. in inference mode - val acc.)",
+             ylabel="validation accuracy", title="Trials: accuracy against gap")
+    axes.grid(alpha=0.3)
+    _save(figure, folder / "accuracy_vs_gap.png")
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    if len(study.directions) > 1:
+        return max(study.best_trials, key=_accuracy)
+    return study.best_trial
+
+
+def _tag_best(study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
+    client = mlflow.tracking.MlflowClient()
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            client.set_tag(run_id, "optuna.best", str(trial.number == best.number).lower())
+
+
+def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
+    """Log the study report to the active (parent) run; return the best point or None."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    mlflow.log_metrics({f"trials_{name}": n for name, n in counts.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+        if complete:
+            _plots(study, complete, folder)
+        mlflow.log_artifacts(tmp, artifact_path="study")
+    print(f"tune: study {study.study_name!r}: " +
+          ", ".join(f"{n} {name}" for name, n in counts.items() if n))
+    best = _best(study)
+    if best is None:
+        return None
+    _tag_best(study, best)
+    mlflow.set_tags({"optuna.best_trial": str(best.number)})
+    mlflow.log_metrics({"best_val_accuracy": _accuracy(best),
+                        "best_honest_gap": best.user_attrs.get("honest_gap", float("nan"))})
+    if len(study.directions) > 1:
+        print("tune: Pareto front (trial: val accuracy, honest gap):")
+        for trial in sorted(study.best_trials, key=_accuracy, reverse=True):
+            print(f"  {trial.number}: {trial.values[0]:.4f}, {trial.values[1]:.4f}")
+    print(f"tune: best trial {best.number}: val accuracy {_accuracy(best):.4f}, "
+          f"honest gap {best.user_attrs.get('honest_gap', float('nan')):.4f}")
+    return {key: best.params[key] for key in tune.space}

@@ -1,0 +1,127 @@
+"""`python src/tune.py` end to end on the tiny archive: storage, MLflow, best params, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import sh, tool_env
+from params import load_params, parse_params, read_yaml, update_yaml, with_overrides
+from search_space import parse_tune
+
+pytestmark = pytest.mark.slow
+
+SMALL_SPACE = {  # a few knobs of the real space, kept cheap
+    "model.dropout": {"low": 0.0, "high": 0.5},
+    "model.augment_flip": {"choices": [False, True]},
+    "train.learning_rate": {"low": 0.005, "high": 0.05, "log": True},
+    "train.batch_size": {"choices": [32, 64]},
+}
+
+
+@pytest.fixture
+def tuned(project):
+    sh("dvc", "repro", "preprocess", cwd=project)
+    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE})
+    return project
+
+
+def tune(project, *args, check=True):
+    return sh(sys.executable, "src/tune.py", "--epochs", "2", *args, cwd=project, check=check)
+
+
+def load(project, name="regularization"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{project / 'optuna.db'}")
+
+
+def trial_runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["cifar10-alexnet-tune"], output_format="list")
+
+
+def test_study_tracks_trials_and_writes_the_winner(tuned):
+    out = tune(tuned, "--n-trials", "3")
+    study = load(tuned)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+    assert "dvc exp run -S model.dropout=" in out.stdout
+
+    runs = trial_runs(tuned)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(study.trials)
+    client = mlflow.tracking.MlflowClient()
+    for trial in study.trials:
+        (run,) = [r for r in children if r.data.tags["optuna.trial"] == str(trial.number)]
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert float(run.data.params["model.dropout"]) == pytest.approx(trial.params["model.dropout"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert steps == list(range(1, len(steps) + 1)) and steps
+        if trial.state == TrialState.COMPLETE:
+            assert steps == [1, 2] and "honest_gap" in run.data.metrics
+    best = [r for r in children if r.data.tags.get("optuna.best") == "true"]
+    assert [r.data.tags["optuna.trial"] for r in best] == [str(study.best_trial.number)]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/trials.csv", "study/optimization_history.png",
+            "study/accuracy_vs_gap.png", "study/param_importances.png"} <= artifacts
+
+    # the best-params file has exactly params.yaml keys and validates as params
+    best_file = read_yaml(tuned / "reports/best_params.yaml")
+    assert set(best_file) == {"model", "train"}
+    point = {f"{s}.{k}": v for s, body in best_file.items() for k, v in body.items()}
+    assert point.keys() == SMALL_SPACE.keys()
+    parse_params(with_overrides(read_yaml(tuned / "params.yaml"), point))
+
+    # --apply round-trips into params.yaml and keeps its comments
+    before = (tuned / "params.yaml").read_text()
+    tune(tuned, "--n-trials", "3", "--apply")  # the budget is reached: no new trial
+    assert len(load(tuned).trials) == len(study.trials)
+    after = (tuned / "params.yaml").read_text()
+    assert after.count("#") == before.count("#")
+    applied = load_params(tuned / "params.yaml")
+    assert applied.model.dropout == pytest.approx(point["model.dropout"])
+    assert applied.train.batch_size == point["train.batch_size"]
+
+
+def test_rerun_continues_to_the_asked_number(tuned):
+    tune(tuned, "--n-trials", "1")
+    tune(tuned, "--n-trials", "2")
+    assert sum(t.state == TrialState.COMPLETE for t in load(tuned).trials) == 2
+
+
+def test_diverging_trial_fails_and_the_study_goes_on(tuned):
+    tune(tuned, "--n-trials", "1")
+    study = load(tuned)
+    study.enqueue_trial({"train.learning_rate": 1e9}, skip_if_exists=False)
+    update_yaml(tuned / "params.yaml", {"tune.space": {
+        **SMALL_SPACE, "train.learning_rate": {"low": 0.005, "high": 1e9, "log": True}}})
+    tune(tuned, "--n-trials", "3")
+    trials = load(tuned).trials
+    diverged = [t for t in trials if t.params.get("train.learning_rate") == 1e9]
+    assert diverged and diverged[0].state in (TrialState.FAIL, TrialState.PRUNED)
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+
+
+def test_two_workers_share_the_default_storage(tuned):
+    tune(tuned, "--n-trials", "1")  # create the study and the MLflow experiment first
+    command = [sys.executable, "src/tune.py", "--epochs", "1", "--n-trials", "4"]
+    workers = [subprocess.Popen(command, cwd=tuned, env=tool_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0, worker.stderr.read()[-2000:]
+    trials = load(tuned).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert len({t.number for t in trials}) == len(trials)
+
+
+def test_tune_section_is_validated():
+    raw = read_yaml("params.yaml")
+    assert parse_tune(raw).n_trials > 0
+    bad = with_overrides(raw, {"tune.space": {"train.nonsense": {"low": 0.0, "high": 1.0}}})
+    with pytest.raises(ValueError, match="train.nonsense"):
+        parse_tune(bad)
