@@ -2,7 +2,9 @@
 
 After every epoch the directory gets `state.keras` (weights and optimizer state) and `state.json`
 (completed epochs, MLflow run id, history so far, a fingerprint of the params and data, and the
-sha256 of `state.keras`). Both are written atomically, the JSON last; a pair whose hash does not
+sha256 of `state.keras`, and the random-generator states of dropout and augmentation layers, which
+Keras does not save, so that a resumed run draws the same masks as an uninterrupted one). Both are
+written atomically, the JSON last; a pair whose hash does not
 match (torn between the two renames) or whose fingerprint differs is ignored and training starts over.
 """
 
@@ -24,6 +26,11 @@ class State:
     run_id: str
     history: list[dict]
     fingerprint: str
+    rng: list
+
+
+def _rng_variables(model: keras.Model) -> list:
+    return [v for v in model.variables if v.name == "seed_generator_state"]
 
 
 def fingerprint(*parts: object, files: tuple[Path, ...] = ()) -> str:
@@ -59,7 +66,10 @@ class Checkpoint:
                 return None
         except (OSError, ValueError, TypeError, KeyError):
             return None
-        return keras.models.load_model(self.model_path), state
+        model = keras.models.load_model(self.model_path)
+        for variable, value in zip(_rng_variables(model), state.rng, strict=True):
+            variable.assign(value)
+        return model, state
 
     def save(self, model: keras.Model, epochs_done: int, run_id: str, history: list[dict]) -> None:
         with atomic.atomic_path(self.model_path, suffix=".keras") as tmp:
@@ -67,7 +77,8 @@ class Checkpoint:
             sha = _sha256(tmp)
         atomic.write_json(self.state_path, {
             "epochs_done": epochs_done, "run_id": run_id, "history": history,
-            "fingerprint": self.fingerprint, "sha256": sha})
+            "fingerprint": self.fingerprint, "sha256": sha,
+            "rng": [v.numpy().tolist() for v in _rng_variables(model)]})
 
     def clear(self) -> None:
         self.state_path.unlink(missing_ok=True)

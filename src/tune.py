@@ -162,7 +162,8 @@ def run_study(study: optuna.Study, objective: Objective, tune: Tune) -> None:
         if sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) \
                 >= tune.n_trials:
             return
-        if len(study.get_trials(deepcopy=False, states=ALIVE)) >= tune.n_trials:
+        taken = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if len(taken) >= tune.n_trials:  # not WAITING: a retry or enqueued point needs a worker
             return  # the remaining trials are running in other workers
         if deadline and time.monotonic() > deadline:
             return

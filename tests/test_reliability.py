@@ -1,0 +1,157 @@
+"""What survives what: killed, terminated, diverging and concurrent runs of the pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import keras
+import mlflow
+import pandas as pd
+import pytest
+
+from checkpoint import Checkpoint
+from conftest import sh, tool_env
+from params import update_yaml
+
+pytestmark = pytest.mark.slow
+
+
+def runs_of(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["cifar10-alexnet"], output_format="list")
+
+
+def start(project, *command):
+    return subprocess.Popen(command, cwd=project, env=tool_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_epoch(project, epoch, process, timeout=300):
+    """Block until the train stage has checkpointed `epoch` epochs."""
+    state = project / "checkpoints/train/state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state.exists():
+            try:
+                if json.loads(state.read_text())["epochs_done"] >= epoch:
+                    return
+            except ValueError:
+                pass  # being replaced right now
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_sigkill_then_repro_resumes_the_same_run_exactly(project, tmp_path_factory):
+    update_yaml(project / "params.yaml", {"train.epochs": 4, "train.deterministic": True})
+    sh("git", "commit", "-qam", "4 deterministic epochs", cwd=project)
+    sh("dvc", "repro", "preprocess", cwd=project)
+    lock_before = (project / "dvc.lock").read_text()
+
+    process = start(project, "dvc", "repro")
+    wait_for_epoch(project, 1, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (project / "dvc.lock").read_text() == lock_before  # nothing committed
+    done = json.loads((project / "checkpoints/train/state.json").read_text())["epochs_done"]
+    assert 1 <= done < 4
+
+    resumed = sh("dvc", "repro", cwd=project)
+    assert f"resuming after epoch {done}" in resumed.stdout
+    (run,) = runs_of(project)
+    assert run.info.status == "FINISHED"
+    client = mlflow.tracking.MlflowClient()
+    for key in ("loss", "val_accuracy", "gap"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4]
+
+    # an uninterrupted run of the same config ends with exactly the same figures
+    other = tmp_path_factory.mktemp("uninterrupted")
+    sh("cp", "-a", f"{project}/.", str(other), cwd=project)
+    for path in ("mlflow.db", "mlruns", "reports", "models", "checkpoints"):
+        sh("rm", "-rf", str(other / path), cwd=other)
+    sh("dvc", "repro", "-f", "train", "evaluate", cwd=other)
+    pd.testing.assert_frame_equal(pd.read_csv(project / "reports/history.csv"),
+                                  pd.read_csv(other / "reports/history.csv"))
+    assert json.loads((project / "reports/metrics.json").read_text()) == \
+        json.loads((other / "reports/metrics.json").read_text())
+
+
+def test_sigterm_marks_the_run_killed(project):
+    update_yaml(project / "params.yaml", {"train.epochs": 30})
+    sh("dvc", "repro", "preprocess", cwd=project)
+    process = start(project, "python", "src/train.py")
+    wait_for_epoch(project, 1, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert "train: terminated" in process.stdout.read()
+    (run,) = runs_of(project)
+    assert run.info.status == "KILLED"
+    assert not (project / "models/model.keras").exists()
+
+
+def test_diverging_loss_fails_the_run_and_commits_nothing(project):
+    sh("dvc", "repro", cwd=project)
+    lock_before = (project / "dvc.lock").read_text()
+    outputs = ("models/model.keras", "reports/history.csv", "reports/train.json",
+               "reports/metrics.json")
+    before = {path: (project / path).read_bytes() for path in outputs}
+    update_yaml(project / "params.yaml", {"train.learning_rate": 10.0, "train.epochs": 3})
+    failed = sh("dvc", "repro", cwd=project, check=False)
+    assert failed.returncode != 0
+    assert "train: error: loss became" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert (project / "dvc.lock").read_text() == lock_before
+    assert {path: (project / path).read_bytes() for path in outputs} == before
+    statuses = sorted(r.info.status for r in runs_of(project))
+    assert statuses == ["FAILED", "FINISHED"]
+
+    # back to the committed params: the pipeline is whole again, nothing to train
+    update_yaml(project / "params.yaml", {"train.learning_rate": 0.01, "train.epochs": 2})
+    again = sh("dvc", "repro", cwd=project)
+    assert "Running stage" not in again.stdout
+    assert (project / "dvc.lock").read_text() == lock_before
+
+
+def test_second_repro_gets_the_lock_and_changes_nothing(project):
+    update_yaml(project / "params.yaml", {"train.epochs": 3})
+    sh("dvc", "repro", "preprocess", cwd=project)
+    first = start(project, "dvc", "repro")
+    wait_for_epoch(project, 1, first)
+    second = sh("dvc", "repro", cwd=project, check=False)
+    assert second.returncode != 0
+    assert "lock" in (second.stdout + second.stderr).lower()
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    assert len(runs_of(project)) == 1
+
+
+def test_bad_params_is_one_line_and_no_traceback(project):
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(text.replace("epochs: 2", "epochs: two", 1))
+    result = sh("python", "src/train.py", cwd=project, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "train: error: params.yaml: train.epochs: Input should be a valid integer")
+    assert "Traceback" not in result.stderr
+
+
+def _tiny_model():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def test_torn_or_foreign_checkpoint_is_ignored(tmp_path):
+    Checkpoint(tmp_path, "fp").save(_tiny_model(), 3, "run", [{"epoch": 1}])
+    model, state = Checkpoint(tmp_path, "fp").load()
+    assert (state.epochs_done, state.run_id) == (3, "run")
+    assert Checkpoint(tmp_path, "other params").load() is None
+    # torn: the weights were replaced but the state was not (a kill between the two renames)
+    data = (tmp_path / "state.keras").read_bytes()
+    (tmp_path / "state.keras").write_bytes(data[: len(data) // 2])
+    assert Checkpoint(tmp_path, "fp").load() is None
+    (tmp_path / "state.json").write_text("{not json")
+    assert Checkpoint(tmp_path, "fp").load() is None

@@ -1,0 +1,378 @@
+"""Scaling out on engines that already exist: Optuna workers sharing a PostgreSQL study, an MLflow
+tracking server on PostgreSQL, `MirroredStrategy` over two replicas, and a DVC remote.
+
+The PostgreSQL tests need the server on 127.0.0.1:5432 (trust auth, user postgres); each one works
+in a database of its own that it drops at the end. Deselect them with `-m "not postgres"`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import psycopg2
+import pytest
+import requests
+from conftest import ROOT, sh, tool_env
+from optuna.trial import TrialState
+from psycopg2 import sql
+from test_tune import SMALL_SPACE
+
+from params import update_yaml
+
+pytestmark = pytest.mark.slow
+
+# psycopg2 is the driver the project installs (SQLAlchemy 2.1 reads postgresql:// as psycopg 3)
+SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
+STUDY = "regularization"
+
+
+@dataclass(frozen=True)
+class Database:
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"{SERVER}/{self.name}"
+
+    def query(self, statement: str, arguments: tuple = ()) -> list[tuple]:
+        connection = psycopg2.connect(**ADMIN | {"dbname": self.name})
+        try:
+            with connection, connection.cursor() as cursor:
+                cursor.execute(statement, arguments)
+                return cursor.fetchall()
+        finally:
+            connection.close()
+
+
+def _admin(*statements: tuple[sql.Composable | str, tuple]) -> None:
+    """Run (statement, arguments) pairs on the maintenance database, outside a transaction."""
+    try:
+        connection = psycopg2.connect(**ADMIN)
+    except psycopg2.OperationalError as error:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is unreachable ({error}); "
+                    "deselect these tests with -m 'not postgres'")
+    connection.autocommit = True  # CREATE/DROP DATABASE refuse to run in a transaction
+    try:
+        with connection.cursor() as cursor:
+            for statement, arguments in statements:
+                cursor.execute(statement, arguments)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def database_name():
+    """A fresh database name, dropped (if anyone created it) at the end."""
+    name = f"test_scale_out_{uuid.uuid4().hex[:12]}"
+    yield Database(name)
+    _admin(("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)),
+           (sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)), ()))
+
+
+@pytest.fixture
+def database(database_name):
+    _admin((sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database_name.name)), ()))
+    return database_name
+
+
+@pytest.fixture
+def tuned(project):
+    sh("dvc", "repro", "preprocess", cwd=project)
+    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE})
+    return project
+
+
+def start(command: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen:
+    """A background process in its own process group, its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=cwd, env=tool_env(**env), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(condition: Callable[[], object], what: str, process: subprocess.Popen | None = None,
+             log: Path | None = None, timeout: float = 300):
+    """Poll `condition` until it returns something truthy; fail if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log else ""
+            pytest.fail(f"exited ({process.returncode}) before {what}:\n{tail}")
+        time.sleep(0.5)
+    pytest.fail(f"no {what} within {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate the process group (a server's workers too), killing it if it lingers."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def trials_if_any(database: Database, states=None) -> list:
+    """The study's trials, or [] while no worker has created the schema and the study yet.
+
+    Plain SQL first: an Optuna storage opened on a half-made schema would race the worker's own
+    table creation and version stamping.
+    """
+    try:
+        if not database.query("SELECT 1 FROM studies WHERE study_name = %s", (STUDY,)):
+            return []
+    except psycopg2.errors.UndefinedTable:
+        return []
+    storage = optuna.storages.RDBStorage(database.url, skip_table_creation=True)
+    try:
+        study = optuna.load_study(study_name=STUDY, storage=storage)
+        return study.get_trials(deepcopy=False, states=states)
+    finally:
+        storage.engine.dispose()
+
+
+def tune_command(database: Database, *args: str) -> list[str]:
+    return [sys.executable, "src/tune.py", "--storage", database.url, *args]
+
+
+@pytest.mark.postgres
+def test_three_workers_share_one_postgres_study(tuned, database, tmp_path):
+    command = tune_command(database, "--n-trials", "9", "--epochs", "1")
+    logs = [tmp_path / f"worker-{index}.log" for index in range(3)]
+    # The first worker creates the tables, the study and its MLflow parent run; the others join
+    # once it trains, so no two processes race to create the same schema.
+    workers = [start(command, tuned, logs[0])]
+    try:
+        wait_for(lambda: trials_if_any(database, (TrialState.RUNNING, TrialState.COMPLETE)),
+                 "a trial of the first worker", workers[0], logs[0])
+        workers += [start(command, tuned, log) for log in logs[1:]]
+        for worker, log in zip(workers, logs, strict=True):
+            assert worker.wait(timeout=1200) == 0, log.read_text()[-3000:]
+    finally:
+        for worker in workers:
+            stop(worker)
+
+    trials = optuna.load_study(study_name=STUDY, storage=database.url).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 9
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+    mlflow.set_tracking_uri(f"sqlite:///{tuned / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["cifar10-alexnet-tune"], output_format="list")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    for trial in complete:
+        (run,) = [r for r in runs if r.data.tags.get("optuna.trial") == str(trial.number)]
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["optuna.state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert run.data.metrics["val_accuracy_final"] == pytest.approx(trial.value)
+
+
+@pytest.mark.postgres
+def test_killed_worker_trial_fails_by_heartbeat_and_its_retry_completes(tuned, database,
+                                                                         tmp_path):
+    grace = 3
+    update_yaml(tuned / "params.yaml", {"tune.heartbeat_interval": 1, "tune.grace_period": grace,
+                                        "tune.pruner": "none"})
+    log = tmp_path / "victim.log"
+    victim = start(tune_command(database, "--n-trials", "1", "--epochs", "50"), tuned, log)
+    try:
+        # mid-trial: its params sampled and at least one epoch reported
+        (killed,) = wait_for(lambda: [t for t in trials_if_any(database, (TrialState.RUNNING,))
+                                      if t.intermediate_values],
+                             "a trial with a finished epoch", victim, log)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+    killed_at = time.monotonic()
+    assert killed.params.keys() == SMALL_SPACE.keys()
+    # The dead worker's heartbeat must be older than the grace period before anyone looks.
+    time.sleep(max(0.0, grace + 1 - (time.monotonic() - killed_at)))
+
+    sh(*tune_command(database, "--n-trials", "1", "--epochs", "1"), cwd=tuned)
+
+    trials = optuna.load_study(study_name=STUDY, storage=database.url).trials
+    by_number = {t.number: t for t in trials}
+    assert by_number[killed.number].state == TrialState.FAIL
+    # Optuna's RetryFailedTrialCallback enqueues the retry with these system attributes
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.number > killed.number
+    assert retry.system_attrs["retry_history"] == [killed.number]
+    assert retry.params == killed.params
+    assert retry.state == TrialState.COMPLETE
+    assert [t.number for t in trials if t.state == TrialState.COMPLETE] == [retry.number]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(database_name, tmp_path):
+    """scripts/mlflow_server.sh on a free loopback port; it creates the database itself."""
+    port = free_port()
+    artifacts = tmp_path / "mlartifacts"
+    log = tmp_path / "mlflow-server.log"
+    server = start(["bash", str(ROOT / "scripts/mlflow_server.sh"), "--workers", "1"], tmp_path,
+                   log, MLFLOW_BACKEND_STORE_URI=f"postgresql://postgres@127.0.0.1:5432/"
+                   f"{database_name.name}", MLFLOW_ARTIFACTS_DESTINATION=str(artifacts),
+                   MLFLOW_PORT=str(port))
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{uri}/health", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(healthy, "an answer from /health", server, log, timeout=180)
+        yield uri, artifacts, database_name
+    finally:
+        stop(server)
+
+
+@pytest.mark.postgres
+def test_repro_logs_to_a_tracking_server_on_postgres(project, mlflow_server):
+    uri, artifacts, database = mlflow_server
+    sh("dvc", "repro", cwd=project, MLFLOW_TRACKING_URI=uri)
+    api = f"{uri}/api/2.0/mlflow"
+
+    experiment = requests.get(f"{api}/experiments/get-by-name",
+                              params={"experiment_name": "cifar10-alexnet"}, timeout=30)
+    experiment.raise_for_status()
+    experiment_id = experiment.json()["experiment"]["experiment_id"]
+    found = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment_id]},
+                          timeout=30)
+    found.raise_for_status()
+    (run,) = found.json()["runs"]
+    run_id = run["info"]["run_id"]
+    assert run["info"]["status"] == "FINISHED"
+    assert run_id == json.loads((project / "reports/train.json").read_text())["mlflow_run_id"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    local = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(local["test_accuracy"])
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.epochs"] == "2"
+
+    history = requests.get(f"{api}/metrics/get-history",
+                           params={"run_id": run_id, "metric_key": "val_accuracy"}, timeout=30)
+    history.raise_for_status()
+    assert sorted(m["step"] for m in history.json()["metrics"]) == [1, 2]
+
+    listed = requests.get(f"{api}/artifacts/list", params={"run_id": run_id}, timeout=30)
+    listed.raise_for_status()
+    names = {f["path"] for f in listed.json()["files"]}
+    assert {"history.csv", "metrics.json", "confusion.csv", "figures"} <= names
+    # the files live in the server's artifact directory, the runs in PostgreSQL
+    assert list(artifacts.rglob("history.csv")) and list(artifacts.rglob("confusion_matrix.png"))
+    assert database.query("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)) == \
+        [("FINISHED",)]
+    assert not (project / "mlflow.db").exists()
+
+
+MIRRORED_CHILD = """
+import json, os, signal, sys
+
+import tensorflow as tf
+
+# two logical CPUs, declared before TensorFlow initialises its devices
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras
+import devices
+import train
+from params import load_params
+
+strategies = []
+make_strategy = devices.make_strategy
+devices.make_strategy = lambda kind: strategies.append(make_strategy(kind)) or strategies[-1]
+
+
+class DieAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):  # runs after the epoch's checkpoint is saved
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if sys.argv[1] == "die-after-epoch-1":
+    fit = train.fit
+    train.fit = lambda *args, callbacks=(), **kwargs: fit(
+        *args, callbacks=[*callbacks, DieAfterFirstEpoch()], **kwargs)
+params = load_params()
+train.train(params)
+print("strategy: " + json.dumps({
+    "kind": devices.strategy_kind(params.train.distribute, len(devices.gpus())),
+    "class": type(strategies[0]).__name__,
+    "replicas": strategies[0].num_replicas_in_sync}))
+"""
+
+
+def test_mirrored_over_two_cpus_trains_and_resumes(project):
+    sh("dvc", "repro", "preprocess", cwd=project)
+    update_yaml(project / "params.yaml", {"train.distribute": "mirrored"})
+
+    def child(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", MIRRORED_CHILD, mode], cwd=project,
+                              env=tool_env(PYTHONPATH=str(project / "src")),
+                              capture_output=True, text=True, timeout=900)
+
+    killed = child("die-after-epoch-1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    state = json.loads((project / "checkpoints/train/state.json").read_text())
+    assert state["epochs_done"] == 1
+
+    resumed = child("resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "train: resuming after epoch 1" in resumed.stdout
+    (line,) = [x for x in resumed.stdout.splitlines() if x.startswith("strategy: ")]
+    assert json.loads(line.removeprefix("strategy: ")) == {
+        "kind": "mirrored", "class": "MirroredStrategy", "replicas": 2}
+    assert list(pd.read_csv(project / "reports/history.csv")["epoch"]) == [1, 2]
+    assert not (project / "checkpoints/train/state.json").exists()
+
+    # one MLflow run across the kill, one point per epoch
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["cifar10-alexnet"], output_format="list")
+    assert run.info.run_id == state["run_id"] and run.info.status == "FINISHED"
+    steps = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in steps] == [1, 2]
+
+
+def test_push_wipe_pull_and_nothing_reruns(project, tmp_path):
+    sh("dvc", "repro", cwd=project)
+    sh("dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"), cwd=project)
+    sh("dvc", "push", cwd=project)
+
+    for wiped in (".dvc/cache", "data", "models"):
+        shutil.rmtree(project / wiped)
+    assert "up to date" not in sh("dvc", "status", cwd=project).stdout
+
+    sh("dvc", "pull", cwd=project)
+    assert (project / "models/model.keras").is_file()
+    assert (project / "data/processed/train.npz").is_file()
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=project).stdout
+    assert "Running stage" not in sh("dvc", "repro", cwd=project).stdout
