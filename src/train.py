@@ -82,12 +82,14 @@ def compile_model(model: keras.Model, params: Params, steps: int, xla: bool) -> 
 
 def fit(params: Params, train_split: Split, val_split: Split,
         callbacks: Sequence[keras.callbacks.Callback] = (), resume: tuple | None = None,
-        on_epoch=None, verbose: int | None = None) -> FitResult:
+        on_epoch=None, verbose: int | None = None, configured: tuple | None = None) -> FitResult:
     """Train from scratch, or from `resume` = (model, history), up to `train.epochs` epochs.
 
-    `on_epoch(model, history)` runs after every epoch (checkpointing, logging).
+    `on_epoch(model, history)` runs after every epoch (checkpointing, logging). `configured` is
+    `devices.configure`'s (strategy, xla) when the caller made them: a resumed model must have been
+    loaded in that strategy's scope, or it trains on one replica.
     """
-    strategy, xla = devices.configure(params.train, params.seed)
+    strategy, xla = configured or devices.configure(params.train, params.seed)
     steps = dataset.steps_per_epoch(len(train_split), params.train.batch_size)
     history = list(resume[1]) if resume else []
     with strategy.scope():
@@ -104,6 +106,7 @@ def fit(params: Params, train_split: Split, val_split: Split,
                               params.train.epochs),
         validation_data=dataset.eval_dataset(val_split, params.evaluate.batch_size),
         epochs=params.train.epochs, initial_epoch=len(history), steps_per_epoch=steps,
+        shuffle=False,  # the dataset is already shuffled, per epoch, resumably
         callbacks=[StopOnNaN(), EpochLog(history, on_epoch), *stop, *callbacks],
         verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2))
     return FitResult(model, history, stopped_early=len(history) < params.train.epochs)
@@ -137,7 +140,9 @@ def train(params: Params) -> dict:
     data_files = tuple(Path(paths.processed) / f"{name}.npz" for name in ("train", "val"))
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(
         params.seed, params.model.model_dump(), params.train.model_dump(), files=data_files))
-    saved = checkpoint.load()
+    configured = devices.configure(params.train, params.seed)
+    with configured[0].scope():  # loaded outside it, the model would train on one replica only
+        saved = checkpoint.load()
     tracking.configure(params.mlflow.experiment)
     with tracking.run(run_id=saved[1].run_id if saved else None,
                       tags=tracking.provenance_tags(params.data.md5)) as run:
@@ -157,7 +162,8 @@ def train(params: Params) -> dict:
             _sync_metrics(run_id, history)
 
         result = fit(params, train_split, val_split, on_epoch=after_epoch,
-                     resume=(saved[0], saved[1].history) if saved else None)
+                     resume=(saved[0], saved[1].history) if saved else None,
+                     configured=configured)
         with atomic.atomic_path(paths.model, suffix=".keras") as tmp:
             result.model.save(tmp)
         history = pd.DataFrame(result.history)

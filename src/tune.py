@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -46,10 +47,12 @@ def make_storage(tune: Tune) -> optuna.storages.RDBStorage:
     url = tune.storage or f"sqlite:///{tracking.project_root() / 'optuna.db'}"
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
         "pool_pre_ping": True}
+    with warnings.catch_warnings():  # experimental since Optuna 2.8, the supported way
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retry)
     return optuna.storages.RDBStorage(
         url, engine_kwargs=engine, heartbeat_interval=tune.heartbeat_interval,
-        grace_period=tune.grace_period,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=tune.max_retry))
+        grace_period=tune.grace_period, heartbeat_stale_trial_callback=retry)
 
 
 def make_study(tune: Tune) -> optuna.Study:
@@ -158,7 +161,9 @@ def run_study(study: optuna.Study, objective: Objective, tune: Tune) -> None:
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     failures = 0
     while True:
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
+        with warnings.catch_warnings():  # experimental since Optuna 2.9, still the way to do it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
         if sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) \
                 >= tune.n_trials:
             return

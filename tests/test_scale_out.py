@@ -318,16 +318,27 @@ class DieAfterFirstEpoch(keras.callbacks.Callback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-if sys.argv[1] == "die-after-epoch-1":
-    fit = train.fit
-    train.fit = lambda *args, callbacks=(), **kwargs: fit(
-        *args, callbacks=[*callbacks, DieAfterFirstEpoch()], **kwargs)
+trained_with = []
+fit = train.fit
+
+
+def fit_and_record(*args, callbacks=(), **kwargs):
+    if sys.argv[1] == "die-after-epoch-1":
+        callbacks = [*callbacks, DieAfterFirstEpoch()]
+    result = fit(*args, callbacks=callbacks, **kwargs)
+    trained_with.append(result.model.distribute_strategy)
+    return result
+
+
+train.fit = fit_and_record
 params = load_params()
 train.train(params)
 print("strategy: " + json.dumps({
     "kind": devices.strategy_kind(params.train.distribute, len(devices.gpus())),
-    "class": type(strategies[0]).__name__,
-    "replicas": strategies[0].num_replicas_in_sync}))
+    "class": type(strategies[-1]).__name__,
+    "replicas": strategies[-1].num_replicas_in_sync,
+    "model_replicas": trained_with[0].num_replicas_in_sync,  # a resumed model too
+}))
 """
 
 
@@ -350,7 +361,7 @@ def test_mirrored_over_two_cpus_trains_and_resumes(project):
     assert "train: resuming after epoch 1" in resumed.stdout
     (line,) = [x for x in resumed.stdout.splitlines() if x.startswith("strategy: ")]
     assert json.loads(line.removeprefix("strategy: ")) == {
-        "kind": "mirrored", "class": "MirroredStrategy", "replicas": 2}
+        "kind": "mirrored", "class": "MirroredStrategy", "replicas": 2, "model_replicas": 2}
     assert list(pd.read_csv(project / "reports/history.csv")["epoch"]) == [1, 2]
     assert not (project / "checkpoints/train/state.json").exists()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import mlflow
 import optuna
@@ -125,3 +127,37 @@ def test_tune_section_is_validated():
     bad = with_overrides(raw, {"tune.space": {"train.nonsense": {"low": 0.0, "high": 1.0}}})
     with pytest.raises(ValueError, match="train.nonsense"):
         parse_tune(bad)
+
+
+def test_ctrl_c_leaves_the_study_consistent(tuned):
+    worker = subprocess.Popen([sys.executable, "src/tune.py", "--epochs", "50", "--n-trials", "1"],
+                              cwd=tuned, env=tool_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any(r.data.tags.get("optuna.trial") for r in _safe_runs(tuned)):
+        assert worker.poll() is None and time.monotonic() < deadline, worker.stdout.read()
+        time.sleep(0.2)
+    time.sleep(2)  # inside the trial's training
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=120) == 130
+    (trial,) = load(tuned).trials
+    assert trial.state == TrialState.FAIL  # not left RUNNING
+    statuses = {r.data.tags.get("optuna.trial"): r.info.status for r in trial_runs(tuned)}
+    assert statuses["0"] == "KILLED"
+    tune(tuned, "--n-trials", "1")
+    assert [t.state for t in load(tuned).trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def _safe_runs(project):
+    try:
+        return trial_runs(project)
+    except Exception:  # the store or experiment does not exist yet
+        return []
+
+
+def test_multi_objective_reports_the_pareto_front(tuned):
+    out = tune(tuned, "--n-trials", "2", "--multi-objective", "--study-name", "pareto")
+    study = load(tuned, "pareto")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert "Pareto front" in out.stdout
+    assert all(len(t.values) == 2 for t in study.trials if t.state == TrialState.COMPLETE)
