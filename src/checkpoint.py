@@ -5,7 +5,8 @@ After every epoch the directory gets `state.keras` (weights and optimizer state)
 sha256 of `state.keras`, and the random-generator states of dropout and augmentation layers, which
 Keras does not save, so that a resumed run draws the same masks as an uninterrupted one). Both are
 written atomically, the JSON last; a pair whose hash does not
-match (torn between the two renames) or whose fingerprint differs is ignored and training starts over.
+match (torn between the two renames) or whose fingerprint differs is ignored and training starts
+over.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The official `cifar-10-binary.tar.gz` holds `cifar-10-batches-bin/data_batch_{1..5}.bin` and
 `test_batch.bin`; every record is one label byte then 1024 red, 1024 green and 1024 blue bytes
 (row-major 32x32). Members are read from the tar stream into memory: nothing is extracted, nothing
-is unpickled, and an archive holding unsafe members (absolute paths, `..`, links, devices) is refused
-whole.
+is unpickled, and an archive holding unsafe members (absolute paths, `..`, links, devices) is
+refused whole.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _check_member(member: tarfile.TarInfo) -> None:
 
 
 def read_archive(path: str | Path) -> tuple[Split, Split]:
-    """(train, test) from the archive at `path`: the five training batches in order, the test batch."""
+    """(train, test): the five training batches of the archive in order, and the test batch."""
     wanted = {*TRAIN_MEMBERS, TEST_MEMBER}
     payloads: dict[str, bytes] = {}
     try:

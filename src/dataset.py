@@ -2,8 +2,8 @@
 
 Images stay uint8 until the model scales them (a quarter of the memory of float32). The training
 order of epoch `e` is a stateless permutation keyed on `(seed, e)`, so a run resumed at epoch `k`
-sees exactly the batches an uninterrupted run would. All epochs come from one dataset, consumed with
-`steps_per_epoch`, so Keras keeps a single iterator for the whole fit.
+sees exactly the batches an uninterrupted run would. All epochs come from one dataset, consumed
+with `steps_per_epoch`, so Keras keeps a single iterator for the whole fit.
 
 tf.data autotuning is off: in TensorFlow 2.21, dropping an iterator (Keras does so for the
 validation data every epoch) waits for the autotuning thread to finish its back-off, which

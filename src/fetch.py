@@ -1,6 +1,6 @@
 """Stage `fetch`: download the CIFAR-10 binary archive into data/raw/, verified, atomically.
 
-    python src/fetch.py          # reads `data.source`, `data.md5`, `paths.archive` from params.yaml
+    python src/fetch.py      # reads `data.source`, `data.md5`, `paths.archive` from params.yaml
 
 `data.source` is an http(s) URL, a `file://` URL or a local path. The bytes go to `<archive>.part`
 first; only once their md5 matches `data.md5` are they moved to the final path. An interrupted HTTP
@@ -49,8 +49,9 @@ def _local_path(source: str) -> Path | None:
 
 def _session(retries: int, backoff: float) -> requests.Session:
     # urllib3 retries what fails before the body starts: connection errors and 5xx/429 answers.
-    retry = Retry(total=retries, backoff_factor=backoff, status_forcelist=(429, 500, 502, 503, 504),
-                  allowed_methods=("GET",), raise_on_status=False, respect_retry_after_header=False)
+    retry = Retry(total=retries, backoff_factor=backoff,
+                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods=("GET",),
+                  raise_on_status=False, respect_retry_after_header=False)
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=retry))
     session.mount("https://", HTTPAdapter(max_retries=retry))
@@ -83,7 +84,8 @@ def _download(url: str, part: Path, retries: int, backoff: float) -> None:
                 requests.exceptions.ChunkedEncodingError) as error:
             if attempt == retries:
                 reason = type(error).__name__
-                raise cli.StageError(f"{url}: unreachable after {retries + 1} tries ({reason})")
+                raise cli.StageError(
+                    f"{url}: unreachable after {retries + 1} tries ({reason})") from None
             time.sleep(backoff * 2**attempt)
 
 

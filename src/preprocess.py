@@ -3,7 +3,8 @@
     python src/preprocess.py     # reads `data.val_size`, `data.train_limit` and the paths
 
 As in the seed (Keras `validation_split=0.2`): the last `data.val_size` training images validate,
-the ones before them train (the first `data.train_limit` of those when set), and the test batch tests.
+the ones before them train (the first `data.train_limit` of those when set), and the test batch
+tests.
 Writes `<processed>/{train,val,test}.npz` (images (n, 32, 32, 3) uint8, labels (n,) uint8; loaded
 with `allow_pickle=False`) and a JSON summary: counts per split and class, pixel mean and std.
 """

@@ -52,7 +52,8 @@ class StopOnNaN(keras.callbacks.Callback):
 
 
 class EpochLog(keras.callbacks.Callback):
-    """Append each epoch's row (with the gap) to `history`, then call `on_epoch(model, history)`."""
+    """Append each epoch's row (with the gap) to `history`, then call `on_epoch(model, history)`.
+    """
 
     def __init__(self, history: list[dict], on_epoch=None):
         super().__init__()

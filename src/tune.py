@@ -172,9 +172,9 @@ def run_study(study: optuna.Study, objective: Objective, tune: Tune) -> None:
             return  # the remaining trials are running in other workers
         if deadline and time.monotonic() > deadline:
             return
-        finished = []
+        finished: list[TrialState] = []
         study.optimize(objective, n_trials=1, catch=(Exception,),
-                       callbacks=[lambda _, trial: finished.append(trial.state)])
+                       callbacks=[lambda _, trial, done=finished: done.append(trial.state)])
         if objective.budget_reached:
             return
         failures = failures + 1 if finished == [TrialState.FAIL] else 0

@@ -93,8 +93,8 @@ class ArchiveServer:
                         self.send_error(416)
                         return
                     self.send_response(206)
-                    self.send_header("Content-Range",
-                                     f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
+                    size = len(server.payload)
+                    self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
                 else:
                     self.send_response(200)
                 body = server.payload[start:]

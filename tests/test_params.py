@@ -1,4 +1,4 @@
-"""params.yaml loading: the real file is valid, and every malformed variant is one line naming the key."""
+"""params.yaml loading: the real file is valid; every malformed one is a line naming the key."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def test_real_params_reproduce_the_seed():
     params = load_params(ROOT / "params.yaml")
     assert params.model.filters == [64, 128, 256, 512]
     assert params.model.dense_units == [128, 256, 512, 1024]
-    assert (params.train.learning_rate, params.train.epochs, params.train.batch_size) == (0.01, 50, 32)
+    train = params.train
+    assert (train.learning_rate, train.epochs, train.batch_size) == (0.01, 50, 32)
     assert params.data.val_size == 10000 and params.data.train_limit is None
     assert (params.model.l2, params.train.momentum, params.train.label_smoothing) == (0, 0, 0)
     assert not params.model.augment_flip and params.model.augment_shift == 0

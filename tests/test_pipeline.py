@@ -1,4 +1,4 @@
-"""`dvc repro` end to end in a temporary copy of the project, on the tiny archive and a shrunk config."""
+"""`dvc repro` end to end in a temporary copy of the project: tiny archive, shrunk config."""
 
 from __future__ import annotations
 

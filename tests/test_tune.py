@@ -60,7 +60,8 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
     for trial in study.trials:
         (run,) = [r for r in children if r.data.tags["optuna.trial"] == str(trial.number)]
         assert run.data.tags["optuna.state"] == trial.state.name
-        assert float(run.data.params["model.dropout"]) == pytest.approx(trial.params["model.dropout"])
+        dropout = float(run.data.params["model.dropout"])
+        assert dropout == pytest.approx(trial.params["model.dropout"])
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
         assert steps == list(range(1, len(steps) + 1)) and steps
         if trial.state == TrialState.COMPLETE:
