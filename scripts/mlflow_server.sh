@@ -6,9 +6,10 @@
 #     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000   # then dvc repro / python src/tune.py
 #
 # Settings, all from the environment (extra arguments go to `mlflow server` as they are):
-#   MLFLOW_BACKEND_STORE_URI      runs, params, metrics   (default postgresql://postgres@127.0.0.1:5432/mlflow)
-#   MLFLOW_ARTIFACTS_DESTINATION  artifact files          (default ./mlartifacts; s3://... works too)
-#   MLFLOW_HOST, MLFLOW_PORT      where to listen         (default 127.0.0.1 and 5000)
+#   MLFLOW_BACKEND_STORE_URI      runs, params, metrics
+#                                 (default postgresql://postgres@127.0.0.1:5432/mlflow)
+#   MLFLOW_ARTIFACTS_DESTINATION  artifact files (default ./mlartifacts; s3://... works too)
+#   MLFLOW_HOST, MLFLOW_PORT      where to listen (default 127.0.0.1 and 5000)
 # A PostgreSQL database that does not exist yet is created first (createdb). Credentials come from
 # the environment only (PGPASSWORD, PGPASSFILE, PGSSLMODE, ... as libpq reads them), never from a
 # file this script writes; keep them out of MLFLOW_BACKEND_STORE_URI where you can. Listening on

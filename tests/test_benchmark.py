@@ -33,3 +33,17 @@ def test_benchmark_tiny_budget(tmp_path):
     assert "no dvc.yaml" in data["dvc_repro"]["skipped"]  # tmp_path is no DVC repository
     assert "ratio A/B" in result.stdout
     assert list(tmp_path.iterdir()) == [out]        # nothing written beside the JSON
+
+
+def test_compare_seed_prints_both_curves(tmp_path):
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss,accuracy,val_loss,val_accuracy,gap\n1,2.0,0.3,2.1,0.25,0.05\n")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"test_accuracy": 0.5, "honest_gap": 0.1}))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_seed.py"),
+                             str(history), str(metrics)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[2] == "| 1 | 0.3389 | 0.3000 | 0.3188 | 0.2500 |"
+    assert lines[51] == "| 50 | 0.9910 | - | 0.7757 | - |"
+    assert "test accuracy: seed 0.7675, here 0.5000" in result.stdout

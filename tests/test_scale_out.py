@@ -7,6 +7,7 @@ in a database of its own that it drops at the end. Deselect them with `-m "not p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,12 +27,12 @@ import pandas as pd
 import psycopg2
 import pytest
 import requests
-from conftest import ROOT, sh, tool_env
 from optuna.trial import TrialState
 from psycopg2 import sql
-from test_tune import SMALL_SPACE
 
+from conftest import ROOT, sh, tool_env
 from params import update_yaml
+from test_tune import SMALL_SPACE
 
 pytestmark = pytest.mark.slow
 
@@ -203,7 +204,8 @@ def test_killed_worker_trial_fails_by_heartbeat_and_its_retry_completes(tuned, d
                                       if t.intermediate_values],
                              "a trial with a finished epoch", victim, log)
     finally:
-        os.killpg(victim.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
     killed_at = time.monotonic()
     assert killed.params.keys() == SMALL_SPACE.keys()
@@ -236,10 +238,10 @@ def mlflow_server(database_name, tmp_path):
     port = free_port()
     artifacts = tmp_path / "mlartifacts"
     log = tmp_path / "mlflow-server.log"
+    backend = f"postgresql://postgres@127.0.0.1:5432/{database_name.name}"  # as users write it
     server = start(["bash", str(ROOT / "scripts/mlflow_server.sh"), "--workers", "1"], tmp_path,
-                   log, MLFLOW_BACKEND_STORE_URI=f"postgresql://postgres@127.0.0.1:5432/"
-                   f"{database_name.name}", MLFLOW_ARTIFACTS_DESTINATION=str(artifacts),
-                   MLFLOW_PORT=str(port))
+                   log, MLFLOW_BACKEND_STORE_URI=backend,
+                   MLFLOW_ARTIFACTS_DESTINATION=str(artifacts), MLFLOW_PORT=str(port))
     uri = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
