@@ -9,7 +9,8 @@ Needs the preprocessed data (`dvc repro preprocess`). Each trial trains `tune.ep
 first `tune.train_limit` training images and scores validation accuracy; the honest gap (train
 accuracy in inference mode minus validation accuracy) is recorded for every trial and is the
 second objective with `--multi-objective`. Rerunning the same command continues the study up to
-`--n-trials` complete trials; several processes may run it at once on the same storage.
+`--n-trials` finished (complete or pruned) trials; several processes may run it at once on the same
+storage.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from preprocess import load_split
 from search_space import Tune, as_nested, exp_run_command, parse_tune, sample, trial_params
 from train import fit
 
-ALIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the trial budget counts
+ALIVE = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
 MAX_FAILURES_IN_A_ROW = 5
 
 
@@ -157,15 +159,18 @@ def mlflow_experiment() -> str:
 
 
 def run_study(study: optuna.Study, objective: Objective, tune: Tune) -> None:
-    """Run trials until the study has `n_trials` complete ones (or the timeout passes)."""
+    """Run trials until the study has `n_trials` finished ones (or the timeout passes).
+
+    Finished means complete or pruned: a pruned trial got its verdict. Failed trials do not
+    count; a dead worker's trial is retried.
+    """
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     failures = 0
     while True:
         with warnings.catch_warnings():  # experimental since Optuna 2.9, still the way to do it
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
-        if sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) \
-                >= tune.n_trials:
+        if len(study.get_trials(deepcopy=False, states=FINISHED)) >= tune.n_trials:
             return
         taken = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
         if len(taken) >= tune.n_trials:  # not WAITING: a retry or enqueued point needs a worker
@@ -225,7 +230,7 @@ def tune(args: argparse.Namespace) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-trials", type=int, help="complete trials to reach")
+    parser.add_argument("--n-trials", type=int, help="finished (complete or pruned) trials")
     parser.add_argument("--timeout", type=float, help="seconds for this invocation")
     parser.add_argument("--epochs", type=int, help="epochs per trial")
     parser.add_argument("--train-limit", type=int, help="training images per trial")

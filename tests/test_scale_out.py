@@ -158,6 +158,7 @@ def tune_command(database: Database, *args: str) -> list[str]:
 
 @pytest.mark.postgres
 def test_three_workers_share_one_postgres_study(tuned, database, tmp_path):
+    update_yaml(tuned / "params.yaml", {"tune.pruner": "none"})  # every trial runs to the end
     command = tune_command(database, "--n-trials", "9", "--epochs", "1")
     logs = [tmp_path / f"worker-{index}.log" for index in range(3)]
     # The first worker creates the tables, the study and its MLflow parent run; the others join
@@ -217,7 +218,7 @@ def test_killed_worker_trial_fails_by_heartbeat_and_its_retry_completes(tuned, d
     trials = optuna.load_study(study_name=STUDY, storage=database.url).trials
     by_number = {t.number: t for t in trials}
     assert by_number[killed.number].state == TrialState.FAIL
-    # Optuna's RetryFailedTrialCallback enqueues the retry with these system attributes
+    # Optuna's retry callback enqueues the retry with these system attributes
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert retry.number > killed.number
     assert retry.system_attrs["retry_history"] == [killed.number]
