@@ -40,10 +40,6 @@ if [[ "$backend" =~ ^postgres(ql)?(\+[a-z0-9_]+)?:// ]]; then
         echo "mlflow_server.sh: creating database ${database}" >&2
         createdb --maintenance-db="$maintenance" -- "$database"
     fi
-    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the project installs psycopg2.
-    if [[ "$backend" =~ ^postgres(ql)?:// ]]; then
-        backend="postgresql+psycopg2://${backend#*://}"
-    fi
 fi
 
 if [[ "$artifacts" != *://* ]]; then

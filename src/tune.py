@@ -172,7 +172,7 @@ def run_study(study: optuna.Study, objective: Objective, tune: Tune) -> None:
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
         if len(study.get_trials(deepcopy=False, states=FINISHED)) >= tune.n_trials:
             return
-        taken = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        taken = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
         if len(taken) >= tune.n_trials:  # not WAITING: a retry or enqueued point needs a worker
             return  # the remaining trials are running in other workers
         if deadline and time.monotonic() > deadline:

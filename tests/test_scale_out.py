@@ -36,8 +36,7 @@ from test_tune import SMALL_SPACE
 
 pytestmark = pytest.mark.slow
 
-# psycopg2 is the driver the project installs (SQLAlchemy 2.1 reads postgresql:// as psycopg 3)
-SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+SERVER = "postgresql://postgres@127.0.0.1:5432"  # as the README writes it (psycopg 3)
 ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
 STUDY = "regularization"
 

@@ -102,14 +102,15 @@ def test_rerun_continues_to_the_asked_number(tuned):
 
 
 def test_diverging_trial_fails_and_the_study_goes_on(tuned):
-    tune(tuned, "--n-trials", "1")
-    study = load(tuned)
-    study.enqueue_trial({"train.learning_rate": 1e9}, skip_if_exists=False)
     update_yaml(tuned / "params.yaml", {"tune.space": {
-        **SMALL_SPACE, "train.learning_rate": {"low": 0.005, "high": 1e9, "log": True}}})
-    tune(tuned, "--n-trials", "3")
+        **SMALL_SPACE, "train.momentum": {"low": 0.0, "high": 0.9}}})
+    tune(tuned, "--n-trials", "1")
+    # the largest rate params allow, with momentum: the loss overflows within three epochs
+    load(tuned).enqueue_trial({"train.learning_rate": 10.0, "train.momentum": 0.9,
+                               "train.batch_size": 32, "model.dropout": 0.0})
+    tune(tuned, "--n-trials", "3", "--epochs", "3")
     trials = load(tuned).trials
-    diverged = [t for t in trials if t.params.get("train.learning_rate") == 1e9]
+    diverged = [t for t in trials if t.params.get("train.learning_rate") == 10.0]
     assert diverged and diverged[0].state in (TrialState.FAIL, TrialState.PRUNED)
     assert len(finished(trials)) == 3
 
