@@ -99,7 +99,10 @@ def test_diverging_loss_fails_the_run_and_commits_nothing(project):
     outputs = ("models/model.keras", "reports/history.csv", "reports/train.json",
                "reports/metrics.json")
     before = {path: (project / path).read_bytes() for path in outputs}
-    update_yaml(project / "params.yaml", {"train.learning_rate": 10.0, "train.epochs": 3})
+    # the largest rate and weight decay params allow, deterministic: the loss turns NaN
+    update_yaml(project / "params.yaml", {"train.learning_rate": 10.0, "train.momentum": 0.9,
+                                          "model.l2": 1.0, "model.dropout": 0.0,
+                                          "train.epochs": 3, "train.deterministic": True})
     failed = sh("dvc", "repro", cwd=project, check=False)
     assert failed.returncode != 0
     assert "train: error: loss became" in failed.stderr
@@ -110,7 +113,9 @@ def test_diverging_loss_fails_the_run_and_commits_nothing(project):
     assert statuses == ["FAILED", "FINISHED"]
 
     # back to the committed params: the pipeline is whole again, nothing to train
-    update_yaml(project / "params.yaml", {"train.learning_rate": 0.01, "train.epochs": 2})
+    update_yaml(project / "params.yaml", {"train.learning_rate": 0.01, "train.momentum": 0.0,
+                                          "model.l2": 0.0, "model.dropout": 0.1,
+                                          "train.epochs": 2, "train.deterministic": False})
     again = sh("dvc", "repro", cwd=project)
     assert "Running stage" not in again.stdout
     assert (project / "dvc.lock").read_text() == lock_before
@@ -155,3 +160,12 @@ def test_torn_or_foreign_checkpoint_is_ignored(tmp_path):
     assert Checkpoint(tmp_path, "fp").load() is None
     (tmp_path / "state.json").write_text("{not json")
     assert Checkpoint(tmp_path, "fp").load() is None
+
+
+def test_nan_loss_stops_training_with_a_clear_error():
+    from cli import StageError
+    from train import StopOnNaN
+
+    StopOnNaN().on_epoch_end(0, {"loss": 1.5})
+    with pytest.raises(StageError, match="loss became nan in epoch 3"):
+        StopOnNaN().on_epoch_end(2, {"loss": float("nan")})

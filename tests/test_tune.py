@@ -14,7 +14,6 @@ from optuna.trial import TrialState
 
 from conftest import sh, tool_env
 from params import load_params, parse_params, read_yaml, update_yaml, with_overrides
-from search_space import parse_tune
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +28,8 @@ SMALL_SPACE = {  # a few knobs of the real space, kept cheap
 @pytest.fixture
 def tuned(project):
     sh("dvc", "repro", "preprocess", cwd=project)
-    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE})
+    # no pruning here: which trials a pruner stops on two-epoch trials is luck, not behaviour
+    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.pruner": "none"})
     return project
 
 
@@ -103,11 +103,12 @@ def test_rerun_continues_to_the_asked_number(tuned):
 
 def test_diverging_trial_fails_and_the_study_goes_on(tuned):
     update_yaml(tuned / "params.yaml", {"tune.space": {
-        **SMALL_SPACE, "train.momentum": {"low": 0.0, "high": 0.9}}})
+        **SMALL_SPACE, "train.momentum": {"low": 0.0, "high": 0.9},
+        "model.l2": {"low": 1e-6, "high": 1.0, "log": True}}})
     tune(tuned, "--n-trials", "1")
-    # the largest rate params allow, with momentum: the loss overflows within three epochs
+    # the largest rate and weight decay params allow: the loss turns NaN within three epochs
     load(tuned).enqueue_trial({"train.learning_rate": 10.0, "train.momentum": 0.9,
-                               "train.batch_size": 32, "model.dropout": 0.0})
+                               "train.batch_size": 32, "model.dropout": 0.0, "model.l2": 1.0})
     tune(tuned, "--n-trials", "3", "--epochs", "3")
     trials = load(tuned).trials
     diverged = [t for t in trials if t.params.get("train.learning_rate") == 10.0]
@@ -127,18 +128,13 @@ def test_two_workers_share_the_default_storage(tuned):
     assert len({t.number for t in trials}) == len(trials)
 
 
-def test_tune_section_is_validated():
-    raw = read_yaml("params.yaml")
-    assert parse_tune(raw).n_trials > 0
-    bad = with_overrides(raw, {"tune.space": {"train.nonsense": {"low": 0.0, "high": 1.0}}})
-    with pytest.raises(ValueError, match="train.nonsense"):
-        parse_tune(bad)
-
-
 def test_ctrl_c_leaves_the_study_consistent(tuned):
+    # a job started in the background (as CI may run us) inherits SIGINT ignored: undo that,
+    # as a terminal's Ctrl-C would reach a foreground process
     worker = subprocess.Popen([sys.executable, "src/tune.py", "--epochs", "50", "--n-trials", "1"],
                               cwd=tuned, env=tool_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not any(r.data.tags.get("optuna.trial") for r in _safe_runs(tuned)):
         assert worker.poll() is None and time.monotonic() < deadline, worker.stdout.read()

@@ -1,0 +1,69 @@
+"""Unit tests of the tuning pieces that need no training: space, pruning, study settings."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from conftest import ROOT
+from params import ParamsError, read_yaml, with_overrides
+from search_space import as_nested, exp_run_command, parse_tune, sample, trial_params
+from tune import Pruning, make_study
+
+RAW = read_yaml(ROOT / "params.yaml")
+
+
+def test_every_space_key_is_a_param_and_every_sample_validates():
+    tune = parse_tune(RAW)
+    study = optuna.create_study()
+    for _ in range(20):
+        trial = study.ask()
+        point = sample(trial, tune.space)
+        params = trial_params(RAW, point, tune)  # raises if a sampled value is out of range
+        assert params.train.epochs == tune.epochs
+        assert params.model.dropout == point["model.dropout"]
+        study.tell(trial, 0.5)
+
+
+def test_bad_space_is_refused_naming_the_key():
+    bad = with_overrides(RAW, {"tune.space": {"train.nonsense": {"low": 0.0, "high": 1.0}}})
+    with pytest.raises(ParamsError, match="train.nonsense"):
+        parse_tune(bad)
+    reversed_range = with_overrides(RAW, {"tune.space": {"model.dropout": {"low": 0.5,
+                                                                           "high": 0.1}}})
+    with pytest.raises(ParamsError, match="tune.space.model.dropout"):
+        parse_tune(reversed_range)
+
+
+def test_point_maps_to_params_layout_and_dvc_command():
+    point = {"model.dropout": 0.25, "model.augment_flip": True, "train.lr_schedule": "cosine"}
+    assert as_nested(point) == {"model": {"dropout": 0.25, "augment_flip": True},
+                                "train": {"lr_schedule": "cosine"}}
+    assert exp_run_command(point) == ("dvc exp run -S model.dropout=0.25 "
+                                      "-S model.augment_flip=true -S train.lr_schedule=cosine")
+
+
+def test_pruning_callback_reports_each_epoch_and_stops_when_told():
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.ThresholdPruner(lower=0.4))
+    trial = study.ask()
+    callback = Pruning(trial)
+    callback.on_epoch_end(0, {"val_accuracy": 0.6})
+    with pytest.raises(optuna.TrialPruned):
+        callback.on_epoch_end(1, {"val_accuracy": 0.3})
+    assert study.trials[0].intermediate_values == {1: 0.6, 2: 0.3}
+
+
+@pytest.mark.parametrize(("pruner", "multi", "expected"), [
+    ("hyperband", False, optuna.pruners.HyperbandPruner),
+    ("median", False, optuna.pruners.MedianPruner),
+    ("none", False, optuna.pruners.NopPruner),
+    ("hyperband", True, optuna.pruners.NopPruner),  # Optuna prunes single objectives only
+])
+def test_study_settings(tmp_path, pruner, multi, expected):
+    tune = parse_tune(with_overrides(RAW, {
+        "tune.pruner": pruner, "tune.multi_objective": multi,
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"}))
+    study = make_study(tune)
+    assert isinstance(study.pruner, expected)
+    assert len(study.directions) == (2 if multi else 1)
