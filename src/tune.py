@@ -120,7 +120,7 @@ class Objective:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 mlflow.end_run("KILLED")
                 raise
-            except Exception:
+            except (Exception, KeyboardInterrupt):  # Optuna records both as FAIL
                 mlflow.set_tag("optuna.state", "FAIL")
                 raise
             finally:
