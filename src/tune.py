@@ -137,11 +137,11 @@ class Objective:
         return (val_accuracy, gap) if self.tune.multi_objective else val_accuracy
 
 
-def parent_run_id(study: optuna.Study) -> str:
+def parent_run_id(study: optuna.Study, experiment: str) -> str:
     """The study's one MLflow parent run, created by the first worker that needs it."""
     run_id = study.user_attrs.get("mlflow_run_id")
     if run_id and mlflow.tracking.MlflowClient().search_runs(
-            [mlflow.get_experiment_by_name(mlflow_experiment()).experiment_id],
+            [mlflow.get_experiment_by_name(experiment).experiment_id],
             f"attributes.run_id = '{run_id}'"):
         return run_id
     with mlflow.start_run(run_name=study.study_name,
@@ -149,13 +149,6 @@ def parent_run_id(study: optuna.Study) -> str:
         pass
     study.set_user_attr("mlflow_run_id", run.info.run_id)
     return run.info.run_id
-
-
-_EXPERIMENT: list[str] = []
-
-
-def mlflow_experiment() -> str:
-    return _EXPERIMENT[0]
 
 
 def run_study(study: optuna.Study, objective: Objective, tune: Tune) -> None:
@@ -207,10 +200,9 @@ def tune(args: argparse.Namespace) -> dict:
 
     study = make_study(tune_settings)
     experiment = f"{params.mlflow.experiment}-tune"
-    _EXPERIMENT[:] = [experiment]
     tracking.configure(experiment)
     objective = Objective(raw, tune_settings, train_split, val_split)
-    with tracking.run(run_id=parent_run_id(study)):
+    with tracking.run(run_id=parent_run_id(study, experiment)):
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags({f"tune.{k}": str(v) for k, v in tune_settings.model_dump().items()
                          if k not in ("space", "storage")})
