@@ -7,11 +7,14 @@ line naming the key, e.g. `params.yaml: train.epochs: Input should be greater th
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML, YAMLError
+
+import atomic
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -131,8 +134,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     """A copy of loaded params with dotted keys replaced, e.g. {"train.epochs": 2}."""
-    import copy
-
     result = copy.deepcopy(raw)
     with_overrides_in_place(result, overrides)
     return result
@@ -140,8 +141,6 @@ def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 
 def update_yaml(path: str | Path, overrides: dict[str, Any]) -> None:
     """Set dotted keys in the YAML file at `path` in place, keeping its comments and layout."""
-    import atomic
-
     yaml = YAML()  # round-trip mode
     yaml.preserve_quotes = True
     document = yaml.load(Path(path))
