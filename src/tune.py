@@ -126,7 +126,9 @@ class Objective:
             finally:
                 keras.backend.clear_session()
             batch = params.evaluate.batch_size
-            val_accuracy = measure(result.model, self.val_split, batch)[1]
+            # the last epoch already measured it, unless early stopping restored other weights
+            val_accuracy = (measure(result.model, self.val_split, batch)[1]
+                            if result.stopped_early else result.history[-1]["val_accuracy"])
             gap = measure(result.model, self.train_split, batch)[1] - val_accuracy
             scores = {"val_accuracy_final": val_accuracy, "honest_gap": gap,
                       "epochs_trained": len(result.history)}
