@@ -46,6 +46,7 @@ class Tune(_Strict):
     multi_objective: bool
     sampler: Literal["tpe", "random"]
     pruner: Literal["hyperband", "median", "none"]
+    min_epochs: Annotated[int, Field(gt=0)]
     heartbeat_interval: Annotated[int, Field(gt=0)]
     grace_period: Annotated[int, Field(gt=0)]
     max_retry: Annotated[int, Field(ge=0)]

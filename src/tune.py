@@ -57,16 +57,22 @@ def make_storage(tune: Tune) -> optuna.storages.RDBStorage:
         grace_period=tune.grace_period, heartbeat_stale_trial_callback=retry)
 
 
+def make_pruner(tune: Tune) -> optuna.pruners.BasePruner:
+    """No trial is pruned before `tune.min_epochs` epochs (epoch-1 accuracy is mostly noise)."""
+    if tune.multi_objective or tune.pruner == "none":  # Optuna prunes single objectives only
+        return optuna.pruners.NopPruner()
+    first = min(tune.min_epochs, tune.epochs)
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=tune.epochs)
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
+
+
 def make_study(tune: Tune) -> optuna.Study:
+    # Unseeded: workers sharing a study would otherwise sample the same points.
     directions = ["maximize", "minimize"] if tune.multi_objective else ["maximize"]
     sampler = (optuna.samplers.TPESampler() if tune.sampler == "tpe"
                else optuna.samplers.RandomSampler())
-    if tune.multi_objective or tune.pruner == "none":  # Optuna prunes single objectives only
-        pruner = optuna.pruners.NopPruner()
-    elif tune.pruner == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tune.epochs)
-    else:
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    pruner = make_pruner(tune)
     study = optuna.create_study(storage=make_storage(tune), study_name=tune.study_name,
                                 sampler=sampler, pruner=pruner, directions=directions,
                                 load_if_exists=True)

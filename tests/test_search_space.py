@@ -67,3 +67,22 @@ def test_study_settings(tmp_path, pruner, multi, expected):
     study = make_study(tune)
     assert isinstance(study.pruner, expected)
     assert len(study.directions) == (2 if multi else 1)
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_no_trial_is_pruned_before_min_epochs(tmp_path, pruner):
+    tune = parse_tune(with_overrides(RAW, {
+        "tune.pruner": pruner, "tune.min_epochs": 2, "tune.epochs": 4,
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"}))
+    study = make_study(tune)
+    for _ in range(4):  # strong finished trials: a weak one is pruned as soon as it may be
+        trial = study.ask()
+        for epoch in range(1, 5):
+            trial.report(0.9, epoch)
+            assert not trial.should_prune()  # Hyperband records its rungs on this call
+        study.tell(trial, 0.9)
+    weak = study.ask()
+    weak.report(0.1, 1)
+    assert not weak.should_prune()
+    weak.report(0.1, 2)
+    assert weak.should_prune()
