@@ -59,12 +59,13 @@ def make_storage(tune: Tune) -> optuna.storages.RDBStorage:
 
 def make_pruner(tune: Tune) -> optuna.pruners.BasePruner:
     """No trial is pruned before `tune.min_epochs` epochs (epoch-1 accuracy is mostly noise)."""
-    if tune.multi_objective or tune.pruner == "none":  # Optuna prunes single objectives only
+    if (tune.multi_objective  # Optuna prunes single objectives only
+            or tune.pruner == "none" or tune.min_epochs >= tune.epochs):
         return optuna.pruners.NopPruner()
-    first = min(tune.min_epochs, tune.epochs)
     if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=tune.epochs)
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
+        return optuna.pruners.HyperbandPruner(min_resource=tune.min_epochs,
+                                              max_resource=tune.epochs)
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=tune.min_epochs)
 
 
 def make_study(tune: Tune) -> optuna.Study:
@@ -194,7 +195,8 @@ def tune(args: argparse.Namespace) -> dict:
     overrides = {key: value for key, value in {
         "n_trials": args.n_trials, "timeout": args.timeout, "epochs": args.epochs,
         "train_limit": args.train_limit, "study_name": args.study_name,
-        "storage": args.storage, "multi_objective": args.multi_objective or None,
+        "storage": args.storage, "pruner": args.pruner,
+        "multi_objective": args.multi_objective or None,
     }.items() if value is not None}
     tune_settings = parse_tune({"tune": {**raw["tune"], **overrides}})
     processed = Path(params.paths.processed)
@@ -236,6 +238,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-limit", type=int, help="training images per trial")
     parser.add_argument("--study-name")
     parser.add_argument("--storage", help="database URL (default: sqlite:///optuna.db)")
+    parser.add_argument("--pruner", choices=("hyperband", "median", "none"),
+                        help="pruner of this invocation (default: tune.pruner)")
     parser.add_argument("--multi-objective", action="store_true",
                         help="maximize val accuracy and minimize the honest gap")
     parser.add_argument("--apply", action="store_true",

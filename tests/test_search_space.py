@@ -54,15 +54,17 @@ def test_pruning_callback_reports_each_epoch_and_stops_when_told():
     assert study.trials[0].intermediate_values == {1: 0.6, 2: 0.3}
 
 
-@pytest.mark.parametrize(("pruner", "multi", "expected"), [
-    ("hyperband", False, optuna.pruners.HyperbandPruner),
-    ("median", False, optuna.pruners.MedianPruner),
-    ("none", False, optuna.pruners.NopPruner),
-    ("hyperband", True, optuna.pruners.NopPruner),  # Optuna prunes single objectives only
+@pytest.mark.parametrize(("pruner", "multi", "epochs", "expected"), [
+    ("hyperband", False, 5, optuna.pruners.HyperbandPruner),
+    ("median", False, 5, optuna.pruners.MedianPruner),
+    ("none", False, 5, optuna.pruners.NopPruner),
+    ("hyperband", True, 5, optuna.pruners.NopPruner),  # Optuna prunes single objectives only
+    ("median", False, 2, optuna.pruners.NopPruner),  # no epoch left to prune: epochs = min_epochs
 ])
-def test_study_settings(tmp_path, pruner, multi, expected):
+def test_study_settings(tmp_path, pruner, multi, epochs, expected):
     tune = parse_tune(with_overrides(RAW, {
         "tune.pruner": pruner, "tune.multi_objective": multi,
+        "tune.epochs": epochs, "tune.min_epochs": 2,
         "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"}))
     study = make_study(tune)
     assert isinstance(study.pruner, expected)
