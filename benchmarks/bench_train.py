@@ -14,9 +14,10 @@ from one to the next, and each child's ru_maxrss is that run's peak memory):
 A Keras callback times each epoch from `on_epoch_begin` to `on_epoch_end` (training and validation)
 and the training phase alone (up to `on_test_begin`). Throughput is training images per second over
 epochs 2..E: the first epoch, which traces and compiles, is reported apart (used only when E is 1).
-Then it times the input pipeline alone, one epoch's `mlflow.log_metrics` against a sqlite store in
-a temporary directory, a checkpoint save, `preprocess` of the archive (with --archive) and a
-`dvc repro` with nothing to do (with --repo, when that pipeline is up to date). It asserts nothing:
+Then it times a checkpoint save and, in `side_costs.py`, the input pipeline alone, one epoch's
+`mlflow.log_metrics` against a sqlite store in a temporary directory, `preprocess` of the archive
+(with --archive) and a `dvc repro` with nothing to do (with --repo, when that pipeline is up to
+date). It asserts nothing:
 timings depend on the machine and on whatever else runs on it.
 
 Images: the archive's training split (`cifar.read_archive` + `preprocess.split`, first --images of
@@ -42,6 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # a script beside the stages, run without installing them
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import side_costs  # noqa: E402
 
 import atomic  # noqa: E402
 import cifar  # noqa: E402
@@ -193,78 +196,6 @@ def summarize(runs: list[dict], images: int) -> dict:
     return summary
 
 
-def time_input_pipeline(train: cifar.Split, params: Params) -> dict:
-    """Images/s of `dataset.train_dataset` alone over the same epochs, after its first batch."""
-    import dataset
-
-    iterator = iter(dataset.train_dataset(train, params.train.batch_size, params.seed, 0,
-                                          params.train.epochs))
-    next(iterator)  # builds the pipeline
-    images, start = 0, time.perf_counter()
-    for batch, _ in iterator:
-        images += int(batch.shape[0])
-    seconds = time.perf_counter() - start
-    return {"images": images, "seconds": seconds,
-            "images_per_second": images / seconds if seconds > 0 else float("inf")}
-
-
-def time_mlflow(calls: int = 20) -> dict:
-    """One epoch's `log_metrics` row, and train.py's per-epoch sync, against a new sqlite store."""
-    import logging
-
-    import mlflow
-
-    import train as stage
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its table creation notices
-    row = dict.fromkeys((*stage.HISTORY_KEYS, "gap"), 0.5)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
-        experiment = mlflow.create_experiment("bench", (Path(tmp) / "mlruns").as_uri())
-        setup = time.perf_counter() - start
-        client = mlflow.tracking.MlflowClient()
-        log, sync = [], []
-        with mlflow.start_run(experiment_id=experiment) as run:
-            mlflow.log_metrics(row, step=0)  # the run's first write
-            for step in range(1, calls + 1):
-                start = time.perf_counter()
-                mlflow.log_metrics(row, step=step)
-                log.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                client.get_metric_history(run.info.run_id, "val_accuracy")
-                sync.append(time.perf_counter() - start + log[-1])
-    return {"store_setup_s": setup, "log_metrics_s": statistics.median(log),
-            "per_epoch_sync_s": statistics.median(sync), "calls": calls}
-
-
-def time_preprocess(archive: str, params: Params) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        summary = preprocess.preprocess(archive, Path(tmp) / "processed", Path(tmp) / "data.json",
-                                        params.data.val_size, params.data.train_limit)
-        return {"seconds": time.perf_counter() - start, "counts": summary["counts"]}
-
-
-def time_dvc_repro(repo: str) -> dict:
-    """A `dvc repro` in `repo`, only after `dvc status` says it has nothing to do."""
-    dvc = [sys.executable, "-m", "dvc"]
-    if not (Path(repo) / "dvc.yaml").is_file():
-        return {"skipped": f"{repo} has no dvc.yaml"}
-    status = subprocess.run([*dvc, "status", "--quiet"], cwd=repo, capture_output=True, text=True)
-    if status.returncode:
-        why = (status.stderr.strip().splitlines() or ["stages changed or outputs missing"])[-1]
-        return {"skipped": f"the pipeline in {repo} is not up to date ({why}): a repro would "
-                           "run stages"}
-    start = time.perf_counter()
-    done = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode or "Running stage" in done.stdout:
-        return {"skipped": f"dvc repro did not finish as a no-op: {done.stdout[-300:]}"
-                           f"{done.stderr[-300:]}"}
-    return {"seconds": seconds}
-
-
 def environment() -> dict:
     import keras
     import tensorflow as tf
@@ -379,11 +310,12 @@ def main(argv: list[str] | None = None) -> None:
                         ("train_phase_images_per_second", "_train_phase")):
         results[f"ratio_a_over_b{suffix}"] = (
             results["A"][key]["median"] / results["B"][key]["median"])
-    results["input_pipeline"] = time_input_pipeline(train, params)
-    results["mlflow"] = time_mlflow()
-    results["preprocess"] = (time_preprocess(args.archive, params) if args.archive
+    results["input_pipeline"] = side_costs.time_input_pipeline(train, params)
+    results["mlflow"] = side_costs.time_mlflow()
+    results["preprocess"] = (side_costs.time_preprocess(args.archive, params) if args.archive
                              else {"skipped": "no --archive"})
-    results["dvc_repro"] = time_dvc_repro(args.repo) if args.repo else {"skipped": "no --repo"}
+    results["dvc_repro"] = (side_costs.time_dvc_repro(args.repo) if args.repo
+                            else {"skipped": "no --repo"})
     report(results)
     if args.json:
         atomic.write_json(args.json, results)
