@@ -19,6 +19,7 @@ import argparse
 import time
 import warnings
 from pathlib import Path
+from typing import get_args
 
 import keras
 import mlflow
@@ -73,9 +74,8 @@ def make_study(tune: Tune) -> optuna.Study:
     directions = ["maximize", "minimize"] if tune.multi_objective else ["maximize"]
     sampler = (optuna.samplers.TPESampler() if tune.sampler == "tpe"
                else optuna.samplers.RandomSampler())
-    pruner = make_pruner(tune)
     study = optuna.create_study(storage=make_storage(tune), study_name=tune.study_name,
-                                sampler=sampler, pruner=pruner, directions=directions,
+                                sampler=sampler, pruner=make_pruner(tune), directions=directions,
                                 load_if_exists=True)
     if [d.name.lower() for d in study.directions] != directions:
         raise cli.StageError(f"study {tune.study_name!r} exists with other objectives; "
@@ -238,7 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-limit", type=int, help="training images per trial")
     parser.add_argument("--study-name")
     parser.add_argument("--storage", help="database URL (default: sqlite:///optuna.db)")
-    parser.add_argument("--pruner", choices=("hyperband", "median", "none"),
+    parser.add_argument("--pruner", choices=get_args(Tune.model_fields["pruner"].annotation),
                         help="pruner of this invocation (default: tune.pruner)")
     parser.add_argument("--multi-objective", action="store_true",
                         help="maximize val accuracy and minimize the honest gap")
