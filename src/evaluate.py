@@ -11,6 +11,10 @@ figures, and logs them to the MLflow run that `train` opened.
 
 from __future__ import annotations
 
+import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
+
+# isort: split
+
 import json
 
 import keras
@@ -39,6 +43,7 @@ def honest_gap(model: keras.Model, train_split, val_accuracy: float, batch_size:
 
 
 def evaluate(params: Params) -> dict:
+    backend.check(params.train.backend)
     paths, batch = params.paths, params.evaluate.batch_size
     model = keras.models.load_model(paths.model, safe_mode=True)
     splits = {name: load_split(paths.processed, name) for name in ("train", "val", "test")}

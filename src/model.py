@@ -1,9 +1,9 @@
 """The seed's AlexNet-style CNN for 32x32 CIFAR-10 images, built from the `model` params.
 
 Four conv blocks (Conv2D 3x3 'same' + ReLU, MaxPool 2, BatchNorm), Flatten, dense blocks (Dense +
-ReLU, Dropout, BatchNorm) and a 10-way softmax. The model takes raw uint8 images: augmentation
-(active only while training) and the scaling to [0, 1] are its first layers, so the saved model
-needs no preprocessing code to predict.
+ReLU, Dropout, BatchNorm) and a 10-way softmax. The model takes raw uint8 images and scales them
+itself, so the saved model needs no preprocessing code to predict. Augmentation happens in the
+input pipeline (src/augment.py), never in the model.
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ def build_model(params: Model, seed: int, input_shape: tuple[int, int, int] = (3
     regularizer = keras.regularizers.L2(params.l2) if params.l2 > 0 else None
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
     x = layers.Rescaling(1.0 / 255, name="scale")(inputs)
-    if params.augment_flip:
-        x = layers.RandomFlip("horizontal", seed=seed, name="flip")(x)
-    if params.augment_shift > 0:
-        x = layers.RandomTranslation(params.augment_shift, params.augment_shift,
-                                     fill_mode="reflect", seed=seed + 1, name="shift")(x)
     for i, filters in enumerate(params.filters, start=1):
         x = layers.Conv2D(filters, 3, padding="same", activation="relu",
                           kernel_regularizer=regularizer, name=f"conv{i}")(x)

@@ -54,21 +54,31 @@ class Model(_Section):
     dense_units: Annotated[list[PositiveInt], Field(min_length=1)]
     dropout: Rate
     l2: Annotated[float, Field(ge=0.0, le=1.0)]
-    augment_flip: bool
-    augment_shift: Annotated[float, Field(ge=0.0, le=0.5)]
+
+
+class Augment(_Section):
+    flip: bool
+    crop: Annotated[int, Field(ge=0, le=16)]
+    shift: Annotated[float, Field(ge=0.0, le=0.5)]
+    cutout: Annotated[int, Field(ge=0, le=32)]
+    mixup: Annotated[float, Field(ge=0.0, le=10.0)]
+    cutmix: Annotated[float, Field(ge=0.0, le=10.0)]
 
 
 class Train(_Section):
+    backend: Literal["tensorflow", "jax"]
     epochs: PositiveInt
     batch_size: PositiveInt
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)]
     momentum: Rate
+    nesterov: bool
+    weight_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
     lr_schedule: Literal["constant", "cosine"]
     label_smoothing: Rate
     early_stopping_patience: Annotated[int, Field(ge=0)]
     deterministic: bool
     mixed_precision: Literal["auto", "on", "off"]
-    distribute: Literal["auto", "none", "mirrored", "multi_worker"]
+    distribute: Literal["auto", "none", "data_parallel"]
 
 
 class Evaluate(_Section):
@@ -84,6 +94,7 @@ class Params(_Section):
     paths: Paths
     data: Data
     model: Model
+    augment: Augment
     train: Train
     evaluate: Evaluate
     mlflow: Mlflow

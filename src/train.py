@@ -10,6 +10,10 @@ stage is killed, the next run resumes from the last completed epoch in the same 
 
 from __future__ import annotations
 
+import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
+
+# isort: split
+
 import math
 import sys
 from collections.abc import Sequence
@@ -73,8 +77,13 @@ def compile_model(model: keras.Model, params: Params, steps: int, xla: bool) -> 
     rate = train.learning_rate
     if train.lr_schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=train.epochs * steps)
+    optimizer = keras.optimizers.SGD(learning_rate=rate, momentum=train.momentum,
+                                     nesterov=train.nesterov,
+                                     weight_decay=train.weight_decay or None)
+    # decay the conv and dense kernels only, as L2 does; not biases or batch-norm scales
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=rate, momentum=train.momentum),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
         metrics=["accuracy"],
         jit_compile=xla,
@@ -83,28 +92,29 @@ def compile_model(model: keras.Model, params: Params, steps: int, xla: bool) -> 
 
 def fit(params: Params, train_split: Split, val_split: Split,
         callbacks: Sequence[keras.callbacks.Callback] = (), resume: tuple | None = None,
-        on_epoch=None, verbose: int | None = None, configured: tuple | None = None) -> FitResult:
+        on_epoch=None, verbose: int | None = None,
+        configured: devices.Setup | None = None) -> FitResult:
     """Train from scratch, or from `resume` = (model, history), up to `train.epochs` epochs.
 
     `on_epoch(model, history)` runs after every epoch (checkpointing, logging). `configured` is
-    `devices.configure`'s (strategy, xla) when the caller made them: a resumed model must have been
-    loaded in that strategy's scope, or it trains on one replica.
+    `devices.configure`'s setup when the caller made it: a resumed model must have been loaded in
+    its scope, or it trains on one replica.
     """
-    strategy, xla = configured or devices.configure(params.train, params.seed)
+    setup = configured or devices.configure(params.train, params.seed)
     steps = dataset.steps_per_epoch(len(train_split), params.train.batch_size)
     history = list(resume[1]) if resume else []
-    with strategy.scope():
+    with setup.scope():
         if resume:
             model = resume[0]
         else:
             model = build_model(params.model, params.seed)
-            compile_model(model, params, steps, xla)
+            compile_model(model, params, steps, setup.xla)
     patience = params.train.early_stopping_patience
     stop = [keras.callbacks.EarlyStopping("val_accuracy", patience=patience,
                                           restore_best_weights=True)] if patience else []
     model.fit(
         dataset.train_dataset(train_split, params.train.batch_size, params.seed, len(history),
-                              params.train.epochs),
+                              params.train.epochs, params.augment),
         validation_data=dataset.eval_dataset(val_split, params.evaluate.batch_size),
         epochs=params.train.epochs, initial_epoch=len(history), steps_per_epoch=steps,
         shuffle=False,  # the dataset is already shuffled, per epoch, resumably
@@ -127,11 +137,12 @@ def _sync_metrics(run_id: str, history: list[dict]) -> None:
 
 
 def log_model(model: keras.Model, sample: np.ndarray) -> None:
-    """Log the model so that `mlflow.pyfunc.load_model` predicts on raw uint8 images."""
+    """Log the model (MLflow's Keras 3 flavor) so that `mlflow.pyfunc.load_model` predicts on raw
+    uint8 images, whichever backend trained it and whichever loads it."""
     from mlflow.models import infer_signature
 
-    signature = infer_signature(sample, model.predict(sample, verbose=0))
-    mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=sample)
+    signature = infer_signature(sample, keras.ops.convert_to_numpy(model(sample, training=False)))
+    mlflow.keras.log_model(model, name="model", signature=signature)
 
 
 def train(params: Params) -> dict:
@@ -141,8 +152,9 @@ def train(params: Params) -> dict:
     data_files = tuple(Path(paths.processed) / f"{name}.npz" for name in ("train", "val"))
     checkpoint = Checkpoint(paths.checkpoint, fingerprint(
         params.seed, params.model.model_dump(), params.train.model_dump(), files=data_files))
+    backend.check(params.train.backend)
     configured = devices.configure(params.train, params.seed)
-    with configured[0].scope():  # loaded outside it, the model would train on one replica only
+    with configured.scope():  # loaded outside it, the model would train on one replica only
         saved = checkpoint.load()
     tracking.configure(params.mlflow.experiment)
     with tracking.run(run_id=saved[1].run_id if saved else None,
@@ -156,7 +168,12 @@ def train(params: Params) -> dict:
                                "data.train_images": len(train_split),
                                "data.val_images": len(val_split),
                                **_flat("model", params.model.model_dump()),
+                               **_flat("augment", params.augment.model_dump()),
                                **_flat("train", params.train.model_dump())})
+            mlflow.set_tags({"keras.backend": backend.version(params.train.backend),
+                             "keras.version": keras.__version__,
+                             **{f"devices.{k}": str(v)
+                                for k, v in configured.describe().items()}})
 
         def after_epoch(model, history):
             checkpoint.save(model, len(history), run_id, history)

@@ -15,6 +15,10 @@ storage.
 
 from __future__ import annotations
 
+import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
+
+# isort: split
+
 import argparse
 import time
 import warnings
