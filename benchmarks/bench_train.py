@@ -3,14 +3,19 @@
     python benchmarks/bench_train.py            # 4096 generated images, 3 epochs, 2 rounds
     python benchmarks/bench_train.py --images 256 --epochs 2 --rounds 1 --json bench.json  # smoke
     python benchmarks/bench_train.py --archive data/raw/cifar-10-binary.tar.gz --repo .
+    python benchmarks/bench_train.py --set train.backend=jax --set train.batch_size=128 \
+        --set augment.flip=true --set augment.crop=4    # any params key, as `dvc exp run -S`
 
 Trains the default model (params.yaml `model`, `train.batch_size`) on the same images for the same
 number of steps two ways, alternating A B A B, every run in a fresh child process (no state leaks
 from one to the next, and each child's ru_maxrss is that run's peak memory):
-  A  the pipeline: `train.fit` with params.yaml shrunk to --epochs (tf.data input, the stage's
-     precision / XLA / strategy choices, validation batch `evaluate.batch_size`);
-  B  the seed's way: `model.fit` on uint8 / one-hot numpy arrays, SGD(0.01), Keras defaults
-     otherwise (float32; validation batch = training batch).
+  A  the pipeline: `train.fit` with params.yaml (and --set) shrunk to --epochs (its input
+     pipeline and augmentation, the stage's precision / compilation / distribution choices,
+     validation batch `evaluate.batch_size`);
+  B  plain Keras: `model.fit` on uint8 / one-hot numpy arrays, SGD(0.01), no augmentation, Keras
+     defaults otherwise (float32; validation batch = training batch).
+Both run on `train.backend`. With augmentation on, A/B bounds what augmentation and the pipeline
+add together.
 A Keras callback times each epoch from `on_epoch_begin` to `on_epoch_end` (training and validation)
 and the training phase alone (up to `on_test_begin`). Throughput is training images per second over
 epochs 2..E: the first epoch, which traces and compiles, is reported apart (used only when E is 1).
@@ -39,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # a script beside the stages, run without installing them
@@ -50,14 +56,20 @@ import atomic  # noqa: E402
 import cifar  # noqa: E402
 import cli  # noqa: E402
 import preprocess  # noqa: E402
-from params import Params, load_params  # noqa: E402
+from params import Params, parse_params, read_yaml, with_overrides  # noqa: E402
 
 # TensorFlow is imported only inside functions: the parent holds no GPU while its children train.
 KINDS = {"A": "pipeline train.fit", "B": "seed Keras script"}
 
 
-def shrink(params: Params, epochs: int) -> Params:
-    return params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
+def load(settings: list[str], epochs: int) -> Params:
+    """params.yaml with `KEY=VALUE` settings (YAML values) applied, shrunk to `epochs`."""
+    overrides = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        overrides[key] = YAML(typ="safe", pure=True).load(value)
+    raw = with_overrides(read_yaml(ROOT / "params.yaml"), {**overrides, "train.epochs": epochs})
+    return parse_params(raw, source="params.yaml with --set")
 
 
 def peak_rss_mib() -> float:
@@ -124,9 +136,26 @@ def seed_fit(params: Params, train: cifar.Split, val: cifar.Split, callback):
     return model
 
 
-def child(kind: str, data: str, epochs: int, result_path: str) -> None:
-    """One training run (A or B); writes its epoch times and peak memory as JSON."""
+def gpu_peak_mib() -> float | None:
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        return gpus[0].memory_stats()["peak_bytes_in_use"] / 2**20 if gpus else None
     import tensorflow as tf
+
+    if not tf.config.list_logical_devices("GPU"):
+        return None
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+def child(kind: str, data: str, epochs: int, result_path: str, settings: list[str]) -> None:
+    """One training run (A or B); writes its epoch times and peak memory as JSON."""
+    params = load(settings, epochs)
+    os.environ["KERAS_BACKEND"] = params.train.backend  # before anything imports Keras
+    import keras
 
     if kind == "A":
         import train as stage  # before the first memory reading, as B's imports are
@@ -134,7 +163,6 @@ def child(kind: str, data: str, epochs: int, result_path: str) -> None:
     with np.load(data, allow_pickle=False) as arrays:
         train = cifar.Split(arrays["train_images"], arrays["train_labels"])
         val = cifar.Split(arrays["val_images"], arrays["val_labels"])
-    params = shrink(load_params(ROOT / "params.yaml"), epochs)
     timer = timer_callback()
     result = {"kind": kind, "peak_rss_mib_before_fit": peak_rss_mib()}
     if kind == "A":
@@ -142,9 +170,10 @@ def child(kind: str, data: str, epochs: int, result_path: str) -> None:
         model, history = fitted.model, fitted.history
     else:
         model, history = seed_fit(params, train, val, timer), []
-    result |= {"epochs": timer.epochs, "peak_rss_mib": peak_rss_mib()}
-    if tf.config.list_logical_devices("GPU"):
-        result["gpu_peak_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    result |= {"epochs": timer.epochs, "peak_rss_mib": peak_rss_mib(),
+               "backend": keras.backend.backend()}
+    if (gpu_peak := gpu_peak_mib()) is not None:
+        result["gpu_peak_mib"] = gpu_peak
     if kind == "A":  # what the stage adds per epoch besides MLflow
         from checkpoint import Checkpoint
 
@@ -159,10 +188,12 @@ def child(kind: str, data: str, epochs: int, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result))
 
 
-def run_child(kind: str, data: Path, epochs: int, workdir: Path, round_: int) -> dict:
+def run_child(kind: str, data: Path, epochs: int, workdir: Path, round_: int,
+              settings: list[str]) -> dict:
     result_path = workdir / f"{kind}{round_}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", str(data),
-               "--epochs", str(epochs), "--child-result", str(result_path)]
+               "--epochs", str(epochs), "--child-result", str(result_path),
+               *(f"--set={setting}" for setting in settings)]
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"bench_train: run {kind} of round {round_} failed:\n{done.stderr[-4000:]}")
@@ -196,9 +227,8 @@ def summarize(runs: list[dict], images: int) -> dict:
     return summary
 
 
-def environment() -> dict:
-    import keras
-    import tensorflow as tf
+def environment(backend: str) -> dict:
+    import importlib.metadata
 
     def git(*args):
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
@@ -206,9 +236,20 @@ def environment() -> dict:
 
     return {"command": " ".join(sys.argv), "commit": git("rev-parse", "--short", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "cpus": os.cpu_count(),
-            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}
+            "python": platform.python_version(), "backend": backend,
+            "backend_version": importlib.metadata.version(backend),
+            "keras": importlib.metadata.version("keras"), "cpus": os.cpu_count(),
+            "gpus": gpu_names()}
+
+
+def gpu_names() -> list[str]:
+    """The GPUs nvidia-smi lists (the parent never initialises a backend)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return done.stdout.split("\n")[:-1] if done.returncode == 0 else []
 
 
 def positive(text: str) -> int:
@@ -226,6 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=positive, default=2, help="A B rounds")
     parser.add_argument("--repo", help="time a no-op `dvc repro` in this repository")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml key, as `dvc exp run -S` (repeatable)")
     for hidden in ("--child", "--data", "--child-result"):  # one training run in a child process
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -234,7 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def report(results: dict) -> None:
     env, config = results["environment"], results["config"]
     print(f"bench_train: {env['command']}\n  commit {env['commit']} (dirty: {env['dirty']}), "
-          f"python {env['python']}, tensorflow {env['tensorflow']}, keras {env['keras']}, "
+          f"python {env['python']}, {env['backend']} {env['backend_version']}, "
+          f"keras {env['keras']}, "
           f"{env['cpus']} CPUs, GPUs: {', '.join(env['gpus']) or 'none'}")
     print(f"  data: {config['data']}; {config['train_images']} train / {config['val_images']} val "
           f"images, batch {config['batch_size']} -> {config['steps_per_epoch']} steps per epoch, "
@@ -282,15 +326,16 @@ def report(results: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        child(args.child, args.data, args.epochs, args.child_result)
+        child(args.child, args.data, args.epochs, args.child_result, args.set)
         return
-    params = shrink(load_params(ROOT / "params.yaml"), args.epochs)
+    params = load(args.set, args.epochs)
     train, val = load_images(args.archive, args.images, params)
     batch = params.train.batch_size
     config = {"data": f"archive {args.archive}" if args.archive else "generated random images",
               "train_images": len(train), "val_images": len(val), "batch_size": batch,
               "steps_per_epoch": -(-len(train) // batch), "epochs": args.epochs,
               "rounds": args.rounds, "repo": args.repo, "model": params.model.model_dump(),
+              "augment": params.augment.model_dump(), "settings": args.set,
               "measured_epochs": f"epochs 2..{args.epochs}" if args.epochs > 1
               else "epoch 1 only (compile included)"}
     runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
@@ -300,16 +345,19 @@ def main(argv: list[str] | None = None) -> None:
                  val_images=val.images, val_labels=val.labels)
         for round_ in range(1, args.rounds + 1):
             for kind in KINDS:
-                run = run_child(kind, data, args.epochs, Path(tmp), round_)
+                run = run_child(kind, data, args.epochs, Path(tmp), round_, args.set)
                 runs[kind].append(run)
                 times = ", ".join(f"{e['seconds']:.2f}" for e in run["epochs"])
                 print(f"round {round_} {kind} ({KINDS[kind]}): epochs {times} s", flush=True)
-    results = {"config": config, "environment": environment(),
+    results = {"config": config, "environment": environment(params.train.backend),
                **{kind: summarize(runs[kind], len(train)) for kind in KINDS}}
     for key, suffix in (("images_per_second", ""),
                         ("train_phase_images_per_second", "_train_phase")):
         results[f"ratio_a_over_b{suffix}"] = (
             results["A"][key]["median"] / results["B"][key]["median"])
+    os.environ["KERAS_BACKEND"] = params.train.backend
+    import keras  # noqa: F401  (now, with the --set backend; src/backend.py then leaves it)
+
     results["input_pipeline"] = side_costs.time_input_pipeline(train, params)
     results["mlflow"] = side_costs.time_mlflow()
     results["preprocess"] = (side_costs.time_preprocess(args.archive, params) if args.archive

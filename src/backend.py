@@ -8,24 +8,33 @@ Every entry point that uses Keras imports this module before anything that impor
 params.yaml wins: a `KERAS_BACKEND` in the environment that disagrees is overridden, with a line
 on stderr saying so. This module only peeks at that one key of `./params.yaml`; the stage validates
 the whole file when it loads its params, and `check()` then confirms that Keras runs the backend
-the params name. TensorFlow's C++ start-up logging (CUDA probing on a CPU-only machine) is quieted
-unless `TF_CPP_MIN_LOG_LEVEL` is set.
+the params name.
+
+TensorFlow's native start-up lines that nobody can act on (the oneDNN notice, CUDA probing on a
+machine without a GPU: "Could not find cuda drivers", "failed call to cuInit") are dropped while it
+loads and looks for devices; every other line it prints then is passed on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import sys
+import tempfile
 
 from params import ParamsError, read_yaml
 
 BACKENDS = ("tensorflow", "jax")
 DEFAULT = "tensorflow"
+START_UP_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations",
+                  "Could not find cuda drivers", "failed call to cuInit")
 
 
-def requested(path: str = "params.yaml") -> str:
-    """The backend that `path` names; the default when it names none or cannot be read."""
+def requested(path: str = "params.yaml") -> str | None:
+    """The backend that `path` names (the default when it names none); None without the file."""
+    if not os.path.isfile(path):
+        return None
     try:
         value = (read_yaml(path) or {}).get("train", {}).get("backend", DEFAULT)
     except (ParamsError, AttributeError):
@@ -33,15 +42,44 @@ def requested(path: str = "params.yaml") -> str:
     return value if value in BACKENDS else DEFAULT
 
 
-def select(path: str = "params.yaml") -> str:
+def select(path: str = "params.yaml") -> str | None:
+    """Set KERAS_BACKEND from `path`; leave it as it is where there is no such file."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     name = requested(path)
+    if name is None:
+        return None
     environment = os.environ.get("KERAS_BACKEND")
     if environment and environment != name:
         print(f"KERAS_BACKEND={environment} ignored: {path} sets train.backend: {name}",
               file=sys.stderr)
     os.environ["KERAS_BACKEND"] = name
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return name
+
+
+@contextlib.contextmanager
+def _without_start_up_noise():
+    """Capture what native code writes to file descriptor 2; pass on all but START_UP_NOISE."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(noise in line for noise in START_UP_NOISE):
+                    sys.stderr.write(line)
+
+
+def load_tensorflow_quietly() -> None:
+    with _without_start_up_noise():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
 
 
 def check(name: str) -> None:
@@ -58,5 +96,5 @@ def version(name: str) -> str:
     return f"{name} {importlib.metadata.version(name)}"
 
 
-if "keras" not in sys.modules:
-    select()
+if "keras" not in sys.modules and select() == "tensorflow":
+    load_tensorflow_quietly()

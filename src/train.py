@@ -14,6 +14,7 @@ import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
 
 # isort: split
 
+import importlib.metadata
 import math
 import sys
 from collections.abc import Sequence
@@ -142,7 +143,11 @@ def log_model(model: keras.Model, sample: np.ndarray) -> None:
     from mlflow.models import infer_signature
 
     signature = infer_signature(sample, keras.ops.convert_to_numpy(model(sample, training=False)))
-    mlflow.keras.log_model(model, name="model", signature=signature)
+    # stated, not inferred: inference loads the model again in a subprocess, seconds per run
+    requirements = [f"{name}=={importlib.metadata.version(name)}"
+                    for name in ("keras", keras.backend.backend(), "numpy")]
+    mlflow.keras.log_model(model, name="model", signature=signature,
+                           pip_requirements=requirements)
 
 
 def train(params: Params) -> dict:

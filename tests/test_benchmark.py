@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_benchmark_tiny_budget(tmp_path):
+@pytest.mark.parametrize("settings", [
+    [], ["--set=train.backend=jax", "--set=augment.flip=true", "--set=augment.crop=4"]])
+def test_benchmark_tiny_budget(tmp_path, settings):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--images", "256",
-         "--epochs", "2", "--rounds", "1", "--repo", str(tmp_path), "--json", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+         "--epochs", "2", "--rounds", "1", "--repo", str(tmp_path), "--json", str(out),
+         *settings], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     for kind in ("A", "B"):
@@ -33,6 +35,9 @@ def test_benchmark_tiny_budget(tmp_path):
     assert "no dvc.yaml" in data["dvc_repro"]["skipped"]  # tmp_path is no DVC repository
     assert "ratio A/B" in result.stdout
     assert list(tmp_path.iterdir()) == [out]        # nothing written beside the JSON
+    backend = "jax" if settings else "tensorflow"
+    assert {run["backend"] for run in data["A"]["runs"] + data["B"]["runs"]} == {backend}
+    assert data["config"]["augment"]["crop"] == (4 if settings else 0)
 
 
 def test_compare_seed_prints_both_curves(tmp_path):

@@ -1,7 +1,7 @@
-"""Precision, XLA and strategy choices of src/devices.py for CPU-only and GPU machines.
+"""Precision, compilation and data-parallel choices of src/devices.py, per backend.
 
-The pure choices are tested for any GPU count; the checks of the real devices expect the CPU-only
-machine the suite runs on, and are skipped where a GPU is present.
+The pure choices are tested for any GPU count and both backends; the checks of the real devices
+expect the CPU-only machine the suite runs on, and are skipped where a GPU is present.
 """
 
 from __future__ import annotations
@@ -17,60 +17,44 @@ HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
 cpu_only = pytest.mark.skipif(HAS_GPU, reason="a GPU is present")
 
 
-@pytest.mark.parametrize(("setting", "gpu_count", "policy"), [
-    ("auto", 0, "float32"),
-    ("auto", 1, "mixed_float16"),
-    ("auto", 2, "mixed_float16"),
-    ("on", 0, "mixed_float16"),
-    ("on", 1, "mixed_float16"),
-    ("off", 0, "float32"),
-    ("off", 1, "float32"),
-    ("off", 4, "float32"),
+@pytest.mark.parametrize(("setting", "gpu_count", "backend", "policy"), [
+    ("auto", 0, "tensorflow", "float32"),
+    ("auto", 0, "jax", "float32"),
+    ("auto", 1, "tensorflow", "mixed_float16"),
+    ("auto", 1, "jax", "mixed_bfloat16"),
+    ("auto", 2, "jax", "mixed_bfloat16"),
+    ("on", 0, "tensorflow", "mixed_float16"),
+    ("on", 0, "jax", "mixed_bfloat16"),
+    ("off", 1, "tensorflow", "float32"),
+    ("off", 4, "jax", "float32"),
 ])
-def test_precision_policy(setting, gpu_count, policy):
-    assert devices.precision_policy(setting, gpu_count) == policy
+def test_precision_policy(setting, gpu_count, backend, policy):
+    assert devices.precision_policy(setting, gpu_count, backend) == policy
 
 
-@pytest.mark.parametrize(("setting", "gpu_count", "kind"), [
-    ("auto", 0, "none"),
-    ("auto", 1, "none"),
-    ("auto", 2, "mirrored"),
-    ("auto", 8, "mirrored"),
-    ("none", 2, "none"),           # an explicit setting wins over the device count
-    ("mirrored", 0, "mirrored"),
-    ("mirrored", 1, "mirrored"),
-    ("multi_worker", 0, "multi_worker"),
+@pytest.mark.parametrize(("setting", "gpu_count", "split"), [
+    ("auto", 0, False),
+    ("auto", 1, False),
+    ("auto", 2, True),
+    ("auto", 8, True),
+    ("none", 2, False),           # an explicit setting wins over the device count
+    ("data_parallel", 0, True),
+    ("data_parallel", 1, True),
 ])
-def test_strategy_kind(setting, gpu_count, kind):
-    assert devices.strategy_kind(setting, gpu_count) == kind
+def test_data_parallel_choice(setting, gpu_count, split):
+    assert devices.parallel(setting, gpu_count) is split
 
 
-@pytest.mark.parametrize(("gpu_count", "xla"), [(0, False), (1, True), (2, True)])
-def test_use_xla_only_on_gpus(gpu_count, xla):
-    assert devices.use_xla(gpu_count) is xla
+@pytest.mark.parametrize(("gpu_count", "backend", "xla"), [
+    (0, "tensorflow", False), (1, "tensorflow", True), (2, "tensorflow", True),
+    (0, "jax", True), (1, "jax", True)])
+def test_xla_on_tensorflow_gpus_and_always_on_jax(gpu_count, backend, xla):
+    assert devices.use_xla(gpu_count, backend) is xla
 
 
 @cpu_only
 def test_no_gpus_on_a_cpu_machine():
     assert devices.gpus() == []
-
-
-def test_none_is_the_default_strategy():
-    strategy = devices.make_strategy("none")
-    assert strategy is tf.distribute.get_strategy()
-    assert strategy.num_replicas_in_sync == 1
-
-
-@cpu_only
-def test_mirrored_without_gpus_spans_the_cpus():
-    strategy = devices.make_strategy("mirrored")
-    assert isinstance(strategy, tf.distribute.MirroredStrategy)
-    assert strategy.num_replicas_in_sync == len(tf.config.list_logical_devices("CPU"))
-
-
-def test_unknown_strategy_names_the_key():
-    with pytest.raises(ValueError, match="train.distribute"):
-        devices.make_strategy("parameter_server")
 
 
 @pytest.fixture
@@ -85,7 +69,20 @@ def restore_policy():
 @pytest.mark.parametrize(("setting", "policy"), [("auto", "float32"), ("on", "mixed_float16")])
 def test_configure_on_a_cpu(setting, policy):
     train = load_params().train.model_copy(update={"mixed_precision": setting})
-    strategy, xla = devices.configure(train, seed=0)
+    setup = devices.configure(train, seed=0)
     assert keras.mixed_precision.global_policy().name == policy
-    assert strategy is tf.distribute.get_strategy()
-    assert xla is False
+    assert (setup.policy, setup.xla, setup.replicas) == (policy, False, 1)
+    with setup.scope():
+        assert tf.distribute.get_strategy().num_replicas_in_sync == 1
+
+
+@cpu_only
+@pytest.mark.usefixtures("restore_policy")
+def test_data_parallel_without_gpus_spans_the_cpus():
+    train = load_params().train.model_copy(update={"distribute": "data_parallel"})
+    setup = devices.configure(train, seed=0)
+    with setup.scope():
+        strategy = tf.distribute.get_strategy()
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert setup.replicas == strategy.num_replicas_in_sync == \
+        len(tf.config.list_logical_devices("CPU"))

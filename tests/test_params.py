@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dataset
 from conftest import ROOT
 from params import ParamsError, load_params, parse_params, read_yaml
 
@@ -22,7 +23,8 @@ def test_real_params_reproduce_the_seed():
     assert (train.learning_rate, train.epochs, train.batch_size) == (0.01, 50, 32)
     assert params.data.val_size == 10000 and params.data.train_limit is None
     assert (params.model.l2, params.train.momentum, params.train.label_smoothing) == (0, 0, 0)
-    assert not params.model.augment_flip and params.model.augment_shift == 0
+    assert params.augment == dataset.NO_AUGMENTATION and params.train.backend == "tensorflow"
+    assert (params.train.weight_decay, params.train.nesterov) == (0, False)
     assert params.train.lr_schedule == "constant" and params.train.early_stopping_patience == 0
 
 

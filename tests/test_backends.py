@@ -1,0 +1,111 @@
+"""The pipeline on the JAX backend, end to end, without TensorFlow; params choose the backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import sh, tool_env
+from params import update_yaml
+from preprocess import load_split
+
+BLOCK_TENSORFLOW = textwrap.dedent("""
+    import sys
+
+    class NoTensorFlow:
+        def find_spec(self, name, path=None, target=None):
+            if name == "tensorflow" or name.startswith("tensorflow."):
+                raise ImportError(f"{name} is blocked: the jax backend must not import it")
+            return None
+
+    sys.meta_path.insert(0, NoTensorFlow())
+""")
+
+
+@pytest.fixture
+def no_tensorflow(tmp_path) -> dict[str, str]:
+    """Environment whose Python processes fail on any import of TensorFlow."""
+    folder = tmp_path / "block"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
+    return {"PYTHONPATH": str(folder)}
+
+
+def runs_of(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["cifar10-alexnet"], output_format="list")
+
+
+@pytest.mark.slow
+def test_jax_pipeline_runs_without_tensorflow(project, no_tensorflow):
+    update_yaml(project / "params.yaml", {"train.backend": "jax", "augment.flip": True,
+                                          "augment.crop": 4})
+    blocked = sh("python", "-c", "import tensorflow", cwd=project, check=False, **no_tensorflow)
+    assert "is blocked" in blocked.stderr  # the blocker works
+
+    sh("dvc", "repro", cwd=project, **no_tensorflow)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    history = pd.read_csv(project / "reports/history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert metrics["val_accuracy"] == pytest.approx(history["val_accuracy"].iloc[-1], abs=1e-6)
+
+    (run,) = runs_of(project)
+    assert run.data.params["train.backend"] == "jax"
+    assert run.data.tags["keras.backend"].startswith("jax ")
+    # trained on JAX, loaded here on TensorFlow: predicts on raw uint8 images
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    images = load_split(project / "data/processed", "test").images[:4]
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (4, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_jax_resume_after_a_kill_equals_an_uninterrupted_run(project, tmp_path_factory):
+    from test_reliability import start, wait_for_epoch
+
+    update_yaml(project / "params.yaml", {"train.backend": "jax", "train.epochs": 3,
+                                          "augment.flip": True, "augment.crop": 4})
+    sh("git", "commit", "-qam", "jax, 3 epochs", cwd=project)
+    sh("dvc", "repro", "preprocess", cwd=project)
+    process = start(project, "dvc", "repro")
+    wait_for_epoch(project, 1, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = json.loads((project / "checkpoints/train/state.json").read_text())["epochs_done"]
+    assert 1 <= done < 3
+    assert f"resuming after epoch {done}" in sh("dvc", "repro", cwd=project).stdout
+
+    other = tmp_path_factory.mktemp("uninterrupted")
+    sh("cp", "-a", f"{project}/.", str(other), cwd=project)
+    for path in ("mlflow.db", "mlruns", "reports", "models", "checkpoints"):
+        sh("rm", "-rf", str(other / path), cwd=other)
+    sh("dvc", "repro", "-f", "train", "evaluate", cwd=other)
+    pd.testing.assert_frame_equal(pd.read_csv(project / "reports/history.csv"),
+                                  pd.read_csv(other / "reports/history.csv"))
+    assert json.loads((project / "reports/metrics.json").read_text()) == \
+        json.loads((other / "reports/metrics.json").read_text())
+
+
+@pytest.mark.parametrize(("params_backend", "environment"), [
+    ("jax", "tensorflow"), ("tensorflow", "jax"), ("jax", None)])
+def test_params_choose_the_backend_over_the_environment(tmp_path, params_backend, environment):
+    (tmp_path / "params.yaml").write_text(f"train:\n  backend: {params_backend}\n")
+    env = tool_env(PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+    env.pop("KERAS_BACKEND", None)
+    if environment:
+        env["KERAS_BACKEND"] = environment
+    code = "import backend, keras; print(keras.backend.backend())"
+    result = subprocess.run(["python", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == [params_backend]
+    if environment:
+        assert f"KERAS_BACKEND={environment} ignored" in result.stderr
