@@ -9,10 +9,10 @@ download resumes with a Range request (or restarts when the server answers 200).
 Retries: one policy, in this module only. Refused, cut or timed-out connections and 429/5xx
 answers are tried again, `ATTEMPTS` (5) times in all, waiting 2, 4, 8 and 16 s between tries
 (30 s); each retry prints a line on stderr saying what failed and when the next try comes. Each
-try gives up after `TIMEOUT`: 10 s without a connection (per address), 30 s without a byte. The worst case
-before the one-line error is therefore 5 x 10 + 30 = 80 s for an unreachable host, 5 x 30 + 30 =
-180 s for one that accepts and stays silent, 30 s for refused connections or 5xx answers. A 404
-or any other client error fails at once.
+try gives up after `TIMEOUT`: 10 s without a connection (per address), 30 s without a byte. The
+worst case before the one-line error is therefore 5 x 10 + 30 = 80 s for an unreachable host,
+5 x 30 + 30 = 180 s for one that accepts and stays silent, 30 s for refused connections or 5xx
+answers. A 404 or any other client error fails at once.
 """
 
 from __future__ import annotations
