@@ -26,7 +26,7 @@ import cli
 import dataset
 import devices
 import tracking
-from checkpoint import Checkpoint, fingerprint
+from checkpoint import Checkpoint, code_files, fingerprint
 from cifar import Split
 from model import build_model
 from params import Params, load_params
@@ -139,11 +139,17 @@ def train(params: Params) -> dict:
     train_split = load_split(paths.processed, "train")
     val_split = load_split(paths.processed, "val")
     data_files = tuple(Path(paths.processed) / f"{name}.npz" for name in ("train", "val"))
-    checkpoint = Checkpoint(paths.checkpoint, fingerprint(
-        params.seed, params.model.model_dump(), params.train.model_dump(), files=data_files))
     configured = devices.configure(params.train, params.seed)
+    resolved = {"policy": keras.mixed_precision.global_policy().name, "xla": configured[1],
+                "replicas": configured[0].num_replicas_in_sync,
+                "backend": keras.backend.backend()}
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(
+        params.seed, params.model.model_dump(), params.train.model_dump(), resolved,
+        files=data_files + code_files()))
     with configured[0].scope():  # loaded outside it, the model would train on one replica only
         saved = checkpoint.load()
+    if checkpoint.ignored:
+        print(f"train: checkpoint ignored: {checkpoint.ignored}; training from the start")
     tracking.configure(params.mlflow.experiment)
     with tracking.run(run_id=saved[1].run_id if saved else None,
                       tags=tracking.provenance_tags(params.data.md5)) as run:

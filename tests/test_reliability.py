@@ -8,12 +8,10 @@ import signal
 import subprocess
 import time
 
-import keras
 import mlflow
 import pandas as pd
 import pytest
 
-from checkpoint import Checkpoint
 from conftest import sh, tool_env
 from params import update_yaml
 
@@ -143,25 +141,6 @@ def test_bad_params_is_one_line_and_no_traceback(project):
     assert "Traceback" not in result.stderr
 
 
-def _tiny_model():
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer="sgd", loss="mse")
-    return model
-
-
-def test_torn_or_foreign_checkpoint_is_ignored(tmp_path):
-    Checkpoint(tmp_path, "fp").save(_tiny_model(), 3, "run", [{"epoch": 1}])
-    model, state = Checkpoint(tmp_path, "fp").load()
-    assert (state.epochs_done, state.run_id) == (3, "run")
-    assert Checkpoint(tmp_path, "other params").load() is None
-    # torn: the weights were replaced but the state was not (a kill between the two renames)
-    data = (tmp_path / "state.keras").read_bytes()
-    (tmp_path / "state.keras").write_bytes(data[: len(data) // 2])
-    assert Checkpoint(tmp_path, "fp").load() is None
-    (tmp_path / "state.json").write_text("{not json")
-    assert Checkpoint(tmp_path, "fp").load() is None
-
-
 def test_nan_loss_stops_training_with_a_clear_error():
     from cli import StageError
     from train import StopOnNaN
@@ -169,3 +148,25 @@ def test_nan_loss_stops_training_with_a_clear_error():
     StopOnNaN().on_epoch_end(0, {"loss": 1.5})
     with pytest.raises(StageError, match="loss became nan in epoch 3"):
         StopOnNaN().on_epoch_end(2, {"loss": float("nan")})
+
+
+def test_a_code_change_drops_the_checkpoint_and_says_why(project):
+    update_yaml(project / "params.yaml", {"train.epochs": 30})
+    sh("dvc", "repro", "preprocess", cwd=project)
+    first = start(project, "python", "src/train.py")
+    wait_for_epoch(project, 1, first)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    with open(project / "src/model.py", "a") as source:  # say, a fix in the architecture
+        source.write("\n# changed\n")
+
+    second = start(project, "python", "src/train.py")
+    seen = []
+    for line in second.stdout:  # the verdict comes before the first epoch starts
+        seen.append(line)
+        if line.startswith(("train: checkpoint ignored", "train: resuming", "Epoch ")):
+            break
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait()
+    assert seen[-1] == "train: checkpoint ignored: params, data, code or device settings " \
+                       "changed; training from the start\n", "".join(seen)
