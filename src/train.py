@@ -28,6 +28,7 @@ import devices
 import tracking
 from checkpoint import Checkpoint, code_files, fingerprint
 from cifar import Split
+from early_stopping import EarlyStopping
 from model import build_model
 from params import Params, load_params
 from preprocess import load_split
@@ -100,8 +101,9 @@ def fit(params: Params, train_split: Split, val_split: Split,
             model = build_model(params.model, params.seed)
             compile_model(model, params, steps, xla)
     patience = params.train.early_stopping_patience
-    stop = [keras.callbacks.EarlyStopping("val_accuracy", patience=patience,
-                                          restore_best_weights=True)] if patience else []
+    stop = [EarlyStopping(patience, history)] if patience else []
+    if stop and stop[0].replay():  # killed after it stopped, before the checkpoint was cleared
+        return FitResult(model, history, stopped_early=True)
     model.fit(
         dataset.train_dataset(train_split, params.train.batch_size, params.seed, len(history),
                               params.train.epochs),
@@ -110,7 +112,7 @@ def fit(params: Params, train_split: Split, val_split: Split,
         shuffle=False,  # the dataset is already shuffled, per epoch, resumably
         callbacks=[StopOnNaN(), EpochLog(history, on_epoch), *stop, *callbacks],
         verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2))
-    return FitResult(model, history, stopped_early=len(history) < params.train.epochs)
+    return FitResult(model, history, stopped_early=bool(stop) and stop[0].stopped_epoch > 0)
 
 
 def _flat(section: str, values: dict) -> dict:

@@ -1,9 +1,10 @@
-"""The checkpoint commits in one rename, cleans up after killed saves, and knows what it was for.
+"""The checkpoint commits in one rename, cleans up after killed saves, and resumes early stopping.
 """
 
 from __future__ import annotations
 
 import os
+import types
 
 import keras
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import atomic
 import checkpoint as checkpoint_module
 from checkpoint import Checkpoint
+from early_stopping import EarlyStopping
 
 
 class Crash(Exception):
@@ -123,3 +125,32 @@ def test_atomic_dir_puts_back_a_previous_output_and_removes_leftovers(tmp_path):
         (tmp / "a").write_text("new")
     assert (target / "a").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _fed(stopper, values, first_epoch=0):
+    stopper.set_model(types.SimpleNamespace(stop_training=False))
+    for epoch, value in enumerate(values, start=first_epoch):
+        stopper.history.append({"val_accuracy": value})
+        stopper.on_epoch_end(epoch, {"val_accuracy": value})
+        if stopper.model.stop_training:
+            break
+    return stopper
+
+
+def test_early_stopping_resumes_with_its_best_value_and_wait():
+    values = [0.5, 0.6, 0.55, 0.55, 0.58, 0.59, 0.7]
+    whole = EarlyStopping(3, [])
+    whole.on_train_begin()
+    _fed(whole, values)
+    assert (whole.stopped_epoch, whole.best, whole.best_epoch) == (4, 0.6, 1)
+
+    # killed after epoch 3; the checkpoint's history is what a resumed run starts from
+    resumed = EarlyStopping(3, [{"val_accuracy": v} for v in values[:3]])
+    resumed.on_train_begin()
+    assert (resumed.best, resumed.best_epoch, resumed.wait) == (0.6, 1, 1)
+    _fed(resumed, values[3:], first_epoch=3)
+    assert (resumed.stopped_epoch, resumed.wait) == (whole.stopped_epoch, whole.wait)
+
+    # killed after it stopped, before the checkpoint was cleared: nothing more to train
+    assert EarlyStopping(3, [{"val_accuracy": v} for v in values[:5]]).replay()
+    assert not EarlyStopping(3, [{"val_accuracy": v} for v in values[:4]]).replay()

@@ -8,12 +8,15 @@ import signal
 import subprocess
 import time
 
+import keras
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sh, tool_env
-from params import update_yaml
+from cifar import Split
+from conftest import ROOT, TINY, sh, tool_env
+from params import parse_params, read_yaml, update_yaml, with_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -170,3 +173,43 @@ def test_a_code_change_drops_the_checkpoint_and_says_why(project):
     second.wait()
     assert seen[-1] == "train: checkpoint ignored: params, data, code or device settings " \
                        "changed; training from the start\n", "".join(seen)
+
+
+class LastEpochPredictsNine(keras.callbacks.Callback):
+    """Makes the last epoch the worst: its model answers class 9, which no validation image is."""
+
+    def __init__(self, last_epoch: int):
+        super().__init__()
+        self.last_epoch = last_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.last_epoch:
+            output = [layer for layer in self.model.layers
+                      if getattr(layer, "bias", None) is not None][-1]
+            output.bias.assign(output.bias + np.eye(10, dtype="float32")[9] * 1000)
+
+
+def _blobs(n: int, classes: int, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.uint8)
+    base = (labels[:, None, None, None] * 25).astype(np.int16)
+    images = np.clip(base + rng.integers(0, 60, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+    return Split(images, labels)
+
+
+def test_early_stopping_without_a_stop_reports_the_saved_model():
+    """Patience on, no stop: the model fit returns (saved as models/model.keras, summarized in
+    train.json from the last history row) is the last epoch's, not the best epoch's."""
+    from evaluate import measure
+    from train import fit
+
+    params = parse_params(with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
+        "train.epochs": 3, "train.early_stopping_patience": 5, "train.deterministic": True}))
+    val = _blobs(60, 9, seed=1)
+    result = fit(params, _blobs(120, 10, seed=0), val, verbose=0,
+                 callbacks=[LastEpochPredictsNine(last_epoch=2)])
+    accuracies = [row["val_accuracy"] for row in result.history]
+    assert len(accuracies) == 3 and accuracies[-1] < max(accuracies)  # the best is not the last
+    assert not result.stopped_early
+    assert measure(result.model, val, params.evaluate.batch_size)[1] == \
+        pytest.approx(accuracies[-1], abs=1e-6)
