@@ -36,11 +36,28 @@ def atomic_path(target: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def remove_leftovers(target: Path) -> None:
+    """Clean up after a killed `atomic_dir(target)`: put back the previous output when the kill
+    came between its two renames, then delete the `.<name>.*.tmp` and `.old` folders."""
+    for old in sorted(target.parent.glob(f".{target.name}.*.old")):
+        if not target.exists() and (old / target.name).is_dir():
+            os.replace(old / target.name, target)
+    for pattern in (f".{target.name}.*.tmp", f".{target.name}.*.old"):
+        for path in target.parent.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces the directory `target` whole."""
+    """Yield a temporary directory; on success it replaces the directory `target` whole.
+
+    The swap is two renames (a directory cannot replace a non-empty one in one); a kill between
+    them leaves the previous output in `.<name>.*.old`, put back the next time this runs.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary readable folders
     try:

@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from cli import UserError
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (32, 32, 3)
@@ -27,7 +29,7 @@ TEST_MEMBER = f"{FOLDER}/test_batch.bin"
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
-class ArchiveError(ValueError):
+class ArchiveError(UserError, ValueError):
     """The archive is not a valid CIFAR-10 binary archive; the message names the problem."""
 
 
@@ -76,6 +78,8 @@ def read_archive(path: str | Path) -> tuple[Split, Split]:
                 _check_member(member)
                 if member.name in wanted:
                     payloads[member.name] = archive.extractfile(member).read()
+    except FileNotFoundError:
+        raise ArchiveError(f"{path}: no such file: run `dvc repro fetch`") from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise ArchiveError(f"{path}: truncated or corrupted archive ({error})") from None
     missing = sorted(wanted - payloads.keys())

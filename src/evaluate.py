@@ -16,11 +16,13 @@ import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
 # isort: split
 
 import json
+from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 import atomic
 import cli
@@ -42,9 +44,34 @@ def honest_gap(model: keras.Model, train_split, val_accuracy: float, batch_size:
     return measure(model, train_split, batch_size)[1] - val_accuracy
 
 
+def training_run(train_run: str) -> str:
+    """The id of the MLflow run that `train` recorded in `train_run`, checked to exist in the
+    configured store (a clone gets train.json from git but not the store it names)."""
+    try:
+        run_id = json.loads(Path(train_run).read_text())["mlflow_run_id"]
+    except FileNotFoundError:
+        raise cli.StageError(f"{train_run} is missing: run `dvc repro train`") from None
+    except (ValueError, KeyError, TypeError):
+        raise cli.StageError(f"{train_run}: no mlflow_run_id; run `dvc repro -f train`") from None
+    try:
+        mlflow.tracking.MlflowClient().get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise cli.StageError(
+            f"{train_run} names MLflow run {run_id}, which the tracking store "
+            f"{mlflow.get_tracking_uri()} does not have: run `dvc repro -f train`, or point "
+            "MLFLOW_TRACKING_URI at the store that has it") from None
+    return run_id
+
+
 def evaluate(params: Params) -> dict:
     backend.check(params.train.backend)
     paths, batch = params.paths, params.evaluate.batch_size
+    tracking.configure(params.mlflow.experiment)
+    run_id = training_run(paths.train_run)  # before any output is written
+    if not Path(paths.model).is_file():
+        raise cli.StageError(f"{paths.model} is missing: run `dvc repro train`")
     model = keras.models.load_model(paths.model, safe_mode=True)
     splits = {name: load_split(paths.processed, name) for name in ("train", "val", "test")}
     (train_loss, train_acc), (val_loss, val_acc), (test_loss, test_acc) = (
@@ -71,8 +98,6 @@ def evaluate(params: Params) -> dict:
         figures.confusion_matrix(matrix, CLASSES, tmp / "confusion_matrix.png")
     atomic.write_json(paths.metrics, metrics)
 
-    run_id = json.loads(open(paths.train_run).read())["mlflow_run_id"]
-    tracking.configure(params.mlflow.experiment)
     with tracking.run(run_id=run_id):
         # val_loss/val_accuracy already have one point per epoch from train; same figures
         mlflow.log_metrics({key: value for key, value in metrics.items()

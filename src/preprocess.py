@@ -52,7 +52,10 @@ def summarize(splits: dict[str, cifar.Split]) -> dict:
 
 def load_split(processed: str | Path, name: str) -> cifar.Split:
     """One split written by this stage (never unpickled)."""
-    with np.load(Path(processed) / f"{name}.npz", allow_pickle=False) as arrays:
+    path = Path(processed) / f"{name}.npz"
+    if not path.is_file():
+        raise cli.StageError(f"{path} is missing: run `dvc repro preprocess`")
+    with np.load(path, allow_pickle=False) as arrays:
         return cifar.Split(arrays["images"], arrays["labels"])
 
 

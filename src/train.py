@@ -31,8 +31,9 @@ import cli
 import dataset
 import devices
 import tracking
-from checkpoint import Checkpoint, fingerprint
+from checkpoint import Checkpoint, code_files, fingerprint
 from cifar import Split
+from early_stopping import EarlyStopping
 from model import build_model
 from params import Params, load_params
 from preprocess import load_split
@@ -111,8 +112,9 @@ def fit(params: Params, train_split: Split, val_split: Split,
             model = build_model(params.model, params.seed)
             compile_model(model, params, steps, setup.xla)
     patience = params.train.early_stopping_patience
-    stop = [keras.callbacks.EarlyStopping("val_accuracy", patience=patience,
-                                          restore_best_weights=True)] if patience else []
+    stop = [EarlyStopping(patience, history)] if patience else []
+    if stop and stop[0].replay():  # killed after it stopped, before the checkpoint was cleared
+        return FitResult(model, history, stopped_early=True)
     model.fit(
         dataset.train_dataset(train_split, params.train.batch_size, params.seed, len(history),
                               params.train.epochs, params.augment),
@@ -121,7 +123,7 @@ def fit(params: Params, train_split: Split, val_split: Split,
         shuffle=False,  # the dataset is already shuffled, per epoch, resumably
         callbacks=[StopOnNaN(), EpochLog(history, on_epoch), *stop, *callbacks],
         verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2))
-    return FitResult(model, history, stopped_early=len(history) < params.train.epochs)
+    return FitResult(model, history, stopped_early=bool(stop) and stop[0].stopped_epoch > 0)
 
 
 def _flat(section: str, values: dict) -> dict:
@@ -155,12 +157,15 @@ def train(params: Params) -> dict:
     train_split = load_split(paths.processed, "train")
     val_split = load_split(paths.processed, "val")
     data_files = tuple(Path(paths.processed) / f"{name}.npz" for name in ("train", "val"))
-    checkpoint = Checkpoint(paths.checkpoint, fingerprint(
-        params.seed, params.model.model_dump(), params.train.model_dump(), files=data_files))
     backend.check(params.train.backend)
     configured = devices.configure(params.train, params.seed)
+    checkpoint = Checkpoint(paths.checkpoint, fingerprint(
+        params.seed, params.model.model_dump(), params.augment.model_dump(),
+        params.train.model_dump(), configured.describe(), files=data_files + code_files()))
     with configured.scope():  # loaded outside it, the model would train on one replica only
         saved = checkpoint.load()
+    if checkpoint.ignored:
+        print(f"train: checkpoint ignored: {checkpoint.ignored}; training from the start")
     tracking.configure(params.mlflow.experiment)
     with tracking.run(run_id=saved[1].run_id if saved else None,
                       tags=tracking.provenance_tags(params.data.md5)) as run:

@@ -10,12 +10,13 @@ import time
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
-from checkpoint import Checkpoint
-from conftest import sh, tool_env
-from params import update_yaml
+from cifar import Split
+from conftest import ROOT, TINY, sh, tool_env
+from params import parse_params, read_yaml, update_yaml, with_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -143,25 +144,6 @@ def test_bad_params_is_one_line_and_no_traceback(project):
     assert "Traceback" not in result.stderr
 
 
-def _tiny_model():
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer="sgd", loss="mse")
-    return model
-
-
-def test_torn_or_foreign_checkpoint_is_ignored(tmp_path):
-    Checkpoint(tmp_path, "fp").save(_tiny_model(), 3, "run", [{"epoch": 1}])
-    model, state = Checkpoint(tmp_path, "fp").load()
-    assert (state.epochs_done, state.run_id) == (3, "run")
-    assert Checkpoint(tmp_path, "other params").load() is None
-    # torn: the weights were replaced but the state was not (a kill between the two renames)
-    data = (tmp_path / "state.keras").read_bytes()
-    (tmp_path / "state.keras").write_bytes(data[: len(data) // 2])
-    assert Checkpoint(tmp_path, "fp").load() is None
-    (tmp_path / "state.json").write_text("{not json")
-    assert Checkpoint(tmp_path, "fp").load() is None
-
-
 def test_nan_loss_stops_training_with_a_clear_error():
     from cli import StageError
     from train import StopOnNaN
@@ -169,3 +151,65 @@ def test_nan_loss_stops_training_with_a_clear_error():
     StopOnNaN().on_epoch_end(0, {"loss": 1.5})
     with pytest.raises(StageError, match="loss became nan in epoch 3"):
         StopOnNaN().on_epoch_end(2, {"loss": float("nan")})
+
+
+def test_a_code_change_drops_the_checkpoint_and_says_why(project):
+    update_yaml(project / "params.yaml", {"train.epochs": 30})
+    sh("dvc", "repro", "preprocess", cwd=project)
+    first = start(project, "python", "src/train.py")
+    wait_for_epoch(project, 1, first)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    with open(project / "src/model.py", "a") as source:  # say, a fix in the architecture
+        source.write("\n# changed\n")
+
+    second = start(project, "python", "src/train.py")
+    seen = []
+    for line in second.stdout:  # the verdict comes before the first epoch starts
+        seen.append(line)
+        if line.startswith(("train: checkpoint ignored", "train: resuming", "Epoch ")):
+            break
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait()
+    assert seen[-1] == "train: checkpoint ignored: params, data, code or device settings " \
+                       "changed; training from the start\n", "".join(seen)
+
+
+class LastEpochPredictsNine(keras.callbacks.Callback):
+    """Makes the last epoch the worst: its model answers class 9, which no validation image is."""
+
+    def __init__(self, last_epoch: int):
+        super().__init__()
+        self.last_epoch = last_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.last_epoch:
+            output = [layer for layer in self.model.layers
+                      if getattr(layer, "bias", None) is not None][-1]
+            output.bias.assign(output.bias + np.eye(10, dtype="float32")[9] * 1000)
+
+
+def _blobs(n: int, classes: int, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.uint8)
+    base = (labels[:, None, None, None] * 25).astype(np.int16)
+    images = np.clip(base + rng.integers(0, 60, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+    return Split(images, labels)
+
+
+def test_early_stopping_without_a_stop_reports_the_saved_model():
+    """Patience on, no stop: the model fit returns (saved as models/model.keras, summarized in
+    train.json from the last history row) is the last epoch's, not the best epoch's."""
+    from evaluate import measure
+    from train import fit
+
+    params = parse_params(with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
+        "train.epochs": 3, "train.early_stopping_patience": 5, "train.deterministic": True}))
+    val = _blobs(60, 9, seed=1)
+    result = fit(params, _blobs(120, 10, seed=0), val, verbose=0,
+                 callbacks=[LastEpochPredictsNine(last_epoch=2)])
+    accuracies = [row["val_accuracy"] for row in result.history]
+    assert len(accuracies) == 3 and accuracies[-1] < max(accuracies)  # the best is not the last
+    assert not result.stopped_early
+    assert measure(result.model, val, params.evaluate.batch_size)[1] == \
+        pytest.approx(accuracies[-1], abs=1e-6)
