@@ -11,9 +11,10 @@ from typing import Annotated, Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from params import Model, Params, ParamsError, Train, parse_params, with_overrides
+from params import Augment, Model, Params, ParamsError, Train, parse_params, with_overrides
 
-SECTIONS = {"model": Model, "train": Train}
+SECTIONS = {"model": Model, "augment": Augment, "train": Train}
+Value = bool | int | float | str
 
 
 class _Strict(BaseModel):
@@ -50,14 +51,28 @@ class Tune(_Strict):
     heartbeat_interval: Annotated[int, Field(gt=0)]
     grace_period: Annotated[int, Field(gt=0)]
     max_retry: Annotated[int, Field(ge=0)]
+    max_gap: Annotated[float, Field(gt=0.0, le=1.0)] | None
+    lr_reference_batch: Annotated[int, Field(gt=0)] | None
     space: dict[str, Range | Choice]
+    recipe: dict[str, Value]
 
     @model_validator(mode="after")
     def _keys_exist(self) -> Tune:
         for key in self.space:
             section, _, name = key.partition(".")
             if section not in SECTIONS or name not in SECTIONS[section].model_fields:
-                raise ValueError(f"space key {key!r} is not a model.* or train.* param")
+                raise ValueError(f"space key {key!r} is not a model.*, augment.* or train.* "
+                                 "param")
+        missing = set(self.recipe) ^ set(self.space)
+        if missing:
+            raise ValueError(f"recipe and space must name the same keys; differ in "
+                             f"{sorted(missing)}")
+        for key, value in self.recipe.items():
+            spec = self.space[key]
+            inside = (value in spec.choices if isinstance(spec, Choice)
+                      else spec.low <= value <= spec.high)
+            if not inside:
+                raise ValueError(f"recipe value {key}: {value!r} is outside the space")
         return self
 
 
@@ -91,9 +106,21 @@ def sample(trial: optuna.Trial, space: dict[str, Range | Choice]) -> dict[str, A
     return point
 
 
+def overrides(point: dict[str, Any], tune: Tune) -> dict[str, Any]:
+    """The params values of a sampled point: with `tune.lr_reference_batch`, the sampled rate is
+    the one for that batch size, and the trial's rate scales linearly with its batch size."""
+    values = dict(point)
+    batch = values.get("train.batch_size")
+    if tune.lr_reference_batch and batch and "train.learning_rate" in values:
+        values["train.learning_rate"] = (values["train.learning_rate"] * batch
+                                         / tune.lr_reference_batch)
+    return values
+
+
 def trial_params(raw: dict, point: dict[str, Any], tune: Tune) -> Params:
     """The full, validated params of a trial: params.yaml + the point + the trial budget."""
-    return parse_params(with_overrides(raw, {**point, "train.epochs": tune.epochs}))
+    return parse_params(with_overrides(raw, {**overrides(point, tune),
+                                             "train.epochs": tune.epochs}))
 
 
 def as_nested(point: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,7 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 
-from search_space import Tune  # noqa: E402
+from search_space import Tune, overrides  # noqa: E402
 
 
 def yaml_text(data: dict) -> str:
@@ -68,11 +68,13 @@ def _plots(study: optuna.Study, complete: list, folder: Path) -> None:
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial that meets its constraints (`tune.max_gap`), if any."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
+    if not feasible:
         return None
     if len(study.directions) > 1:
-        return max(study.best_trials, key=_accuracy)
+        return max(study.best_trials, key=_accuracy)  # Optuna's front holds feasible ones only
     return study.best_trial
 
 
@@ -100,6 +102,8 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
           ", ".join(f"{n} {name}" for name, n in counts.items() if n))
     best = _best(study)
     if best is None:
+        if complete:
+            print(f"tune: no complete trial meets tune.max_gap ({tune.max_gap}) yet")
         return None
     _tag_best(study, best)
     mlflow.set_tags({"optuna.best_trial": str(best.number)})
@@ -111,4 +115,4 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
             print(f"  {trial.number}: {trial.values[0]:.4f}, {trial.values[1]:.4f}")
     print(f"tune: best trial {best.number}: val accuracy {_accuracy(best):.4f}, "
           f"honest gap {best.user_attrs.get('honest_gap', float('nan')):.4f}")
-    return {key: best.params[key] for key in tune.space}
+    return overrides({key: best.params[key] for key in tune.space}, tune)

@@ -38,7 +38,15 @@ from cifar import Split
 from evaluate import measure
 from params import load_params, read_yaml, update_yaml
 from preprocess import load_split
-from search_space import Tune, as_nested, exp_run_command, parse_tune, sample, trial_params
+from search_space import (
+    Tune,
+    as_nested,
+    exp_run_command,
+    overrides,
+    parse_tune,
+    sample,
+    trial_params,
+)
 from train import fit
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the trial budget counts
@@ -119,7 +127,7 @@ class Objective:
         tags = {"optuna.study": self.tune.study_name, "optuna.trial": str(trial.number)}
         with tracking.run(run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            mlflow.log_params({**point, "train.epochs": self.tune.epochs,
+            mlflow.log_params({**overrides(point, self.tune), "train.epochs": self.tune.epochs,
                                "data.train_images": len(self.train_split)})
             try:
                 result = fit(params, self.train_split, self.val_split, verbose=0,
@@ -136,18 +144,28 @@ class Objective:
                 raise
             finally:
                 keras.backend.clear_session()
-            batch = params.evaluate.batch_size
-            # the last epoch already measured it, unless early stopping restored other weights
-            val_accuracy = (measure(result.model, self.val_split, batch)[1]
-                            if result.stopped_early else result.history[-1]["val_accuracy"])
-            gap = measure(result.model, self.train_split, batch)[1] - val_accuracy
+            # the saved model is the last epoch's, whose validation the history holds; the gap
+            # compares it, in inference mode, with as many training images as validate
+            val_accuracy = result.history[-1]["val_accuracy"]
+            seen = Split(self.train_split.images[:len(self.val_split)],
+                         self.train_split.labels[:len(self.val_split)])
+            gap = measure(result.model, seen, params.evaluate.batch_size)[1] - val_accuracy
             scores = {"val_accuracy_final": val_accuracy, "honest_gap": gap,
                       "epochs_trained": len(result.history)}
+            if self.tune.max_gap is not None:  # feasible when <= 0; Optuna's best is feasible
+                trial.set_constraint("honest_gap", gap - self.tune.max_gap)
+                scores["gap_over_max"] = gap - self.tune.max_gap
             mlflow.log_metrics(scores)
             mlflow.set_tag("optuna.state", "COMPLETE")
             for key, value in scores.items():
                 trial.set_user_attr(key, value)
         return (val_accuracy, gap) if self.tune.multi_objective else val_accuracy
+
+
+def start_from_recipe(study: optuna.Study, tune: Tune) -> None:
+    """A new study's first trial is the hand recipe (`tune.recipe`): the point to beat."""
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial(tune.recipe, user_attrs={"recipe": True}, skip_if_exists=True)
 
 
 def parent_run_id(study: optuna.Study, experiment: str) -> str:
@@ -213,6 +231,7 @@ def tune(args: argparse.Namespace) -> dict:
     val_split = load_split(processed, "val")
 
     study = make_study(tune_settings)
+    start_from_recipe(study, tune_settings)
     experiment = f"{params.mlflow.experiment}-tune"
     tracking.configure(experiment)
     objective = Objective(raw, tune_settings, train_split, val_split)
