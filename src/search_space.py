@@ -54,7 +54,7 @@ class Tune(_Strict):
     max_gap: Annotated[float, Field(gt=0.0, le=1.0)] | None
     lr_reference_batch: Annotated[int, Field(gt=0)] | None
     space: dict[str, Range | Choice]
-    recipe: dict[str, Value]
+    recipe: dict[str, Value] | None  # the first trial of a new study (None: none enqueued)
 
     @model_validator(mode="after")
     def _keys_exist(self) -> Tune:
@@ -63,6 +63,8 @@ class Tune(_Strict):
             if section not in SECTIONS or name not in SECTIONS[section].model_fields:
                 raise ValueError(f"space key {key!r} is not a model.*, augment.* or train.* "
                                  "param")
+        if self.recipe is None:
+            return self
         missing = set(self.recipe) ^ set(self.space)
         if missing:
             raise ValueError(f"recipe and space must name the same keys; differ in "

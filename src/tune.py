@@ -164,7 +164,7 @@ class Objective:
 
 def start_from_recipe(study: optuna.Study, tune: Tune) -> None:
     """A new study's first trial is the hand recipe (`tune.recipe`): the point to beat."""
-    if not study.get_trials(deepcopy=False):
+    if tune.recipe and not study.get_trials(deepcopy=False):
         study.enqueue_trial(tune.recipe, user_attrs={"recipe": True}, skip_if_exists=True)
 
 
