@@ -52,3 +52,24 @@ def test_compare_seed_prints_both_curves(tmp_path):
     assert lines[2] == "| 1 | 0.3389 | 0.3000 | 0.3188 | 0.2500 |"
     assert lines[51] == "| 50 | 0.9910 | - | 0.7757 | - |"
     assert "test accuracy: seed 0.7675, here 0.5000" in result.stdout
+
+
+@pytest.mark.slow
+def test_fidelity_ranks_configurations_under_the_preset(project):
+    from conftest import sh
+
+    sh("dvc", "repro", "preprocess", cwd=project)
+    configs = project / "configs.yaml"
+    configs.write_text("a: {overrides: {}, test_accuracy: 0.7, honest_gap: 0.2}\n"
+                       "b: {overrides: {augment.flip: true}, test_accuracy: 0.8, "
+                       "honest_gap: 0.1}\n"
+                       "c: {overrides: {model.dropout: 0.3}, test_accuracy: 0.75, "
+                       "honest_gap: 0.15}\n"
+                       "d: {overrides: {}, test_accuracy: null, honest_gap: null}\n")
+    out = project / "fidelity.json"
+    result = sh(sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), str(configs),
+                "--epochs", "1", "--train-limit", "120", "--json", str(out), cwd=project)
+    assert "Spearman rank correlation over 3 configurations" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["name"] for row in rows] == ["a", "b", "c", "d"]
+    assert all(0 <= row["preset_val_accuracy"] <= 1 for row in rows)

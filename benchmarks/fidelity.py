@@ -1,0 +1,87 @@
+"""Does the tuning preset rank configurations as their 50-epoch runs do?
+
+    python benchmarks/fidelity.py          # docs/fidelity/configs.yaml, the tune preset
+    python benchmarks/fidelity.py CONFIGS.yaml --epochs 10 --train-limit 20000 --json out.json
+
+Needs the preprocessed data (`dvc repro preprocess`). Every configuration in CONFIGS.yaml (name:
+{overrides: {params key: value}, test_accuracy, honest_gap}, the last two from its 50-epoch run)
+trains as one of `tune.py`'s trials would: `tune.epochs` epochs on the first `tune.train_limit`
+training images, its own full schedule. The script prints each one's validation accuracy and honest
+gap under the preset beside its 50-epoch figures, and the Spearman rank correlations of preset
+validation accuracy with 50-epoch test accuracy and of the two gaps. It asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # a script beside the stages, run without installing them
+
+import backend  # noqa: E402, F401  (first: sets KERAS_BACKEND from params.yaml)
+
+# isort: split
+
+import keras  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import atomic  # noqa: E402
+import cli  # noqa: E402
+from cifar import Split  # noqa: E402
+from evaluate import measure  # noqa: E402
+from params import parse_params, read_yaml, with_overrides  # noqa: E402
+from preprocess import load_split  # noqa: E402
+from search_space import parse_tune  # noqa: E402
+from train import fit  # noqa: E402
+
+
+def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) -> dict:
+    params = parse_params(with_overrides(raw, {**overrides, "train.epochs": epochs}))
+    train = load_split(params.paths.processed, "train")
+    val = load_split(params.paths.processed, "val")
+    if limit:
+        train = Split(train.images[:limit], train.labels[:limit])
+    result = fit(params, train, val)
+    seen = Split(train.images[:len(val)], train.labels[:len(val)])
+    val_accuracy = result.history[-1]["val_accuracy"]
+    gap = measure(result.model, seen, params.evaluate.batch_size)[1] - val_accuracy
+    keras.backend.clear_session()
+    return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="?", default=str(ROOT / "docs/fidelity/configs.yaml"))
+    parser.add_argument("--epochs", type=int, help="epochs per configuration (tune.epochs)")
+    parser.add_argument("--train-limit", type=int, help="training images (tune.train_limit)")
+    parser.add_argument("--only", nargs="*", help="names of the configurations to train")
+    parser.add_argument("--json", help="also write the table to this JSON file")
+    args = parser.parse_args()
+    raw = read_yaml("params.yaml")
+    tune = parse_tune(raw)
+    epochs, limit = args.epochs or tune.epochs, args.train_limit or tune.train_limit
+    rows = []
+    for name, config in read_yaml(args.configs).items():
+        if args.only and name not in args.only:
+            continue
+        print(f"fidelity: {name}: {epochs} epochs on {limit or 'all'} images", flush=True)
+        scores = preset_scores(raw, config["overrides"], epochs, limit)
+        rows.append({"name": name, **scores, "test_accuracy_50": config["test_accuracy"],
+                     "honest_gap_50": config["honest_gap"]})
+    table = pd.DataFrame(rows).set_index("name")
+    print(table.to_string(float_format="%.4f"))
+    known = table.dropna()
+    if len(known) >= 3:
+        accuracy = known["preset_val_accuracy"].corr(known["test_accuracy_50"], "spearman")
+        gap = known["preset_honest_gap"].corr(known["honest_gap_50"], "spearman")
+        print(f"Spearman rank correlation over {len(known)} configurations: accuracy "
+              f"{accuracy:.3f}, honest gap {gap:.3f}")
+    if args.json:
+        atomic.write_json(args.json, {"epochs": epochs, "train_limit": limit,
+                                      "rows": table.reset_index().to_dict("records")})
+
+
+if __name__ == "__main__":
+    cli.run("fidelity", main)

@@ -1,0 +1,97 @@
+"""What aims the study at the goal: the recipe first, the gap as a constraint, scaled rates."""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+import study_report
+from conftest import ROOT, sh
+from params import ParamsError, read_yaml, update_yaml, with_overrides
+from search_space import overrides, parse_tune
+
+REAL = read_yaml(ROOT / "params.yaml")
+
+
+def test_real_recipe_is_a_point_of_the_real_space():
+    tune = parse_tune(REAL)
+    assert tune.recipe is not None and set(tune.recipe) == set(tune.space)
+    assert tune.recipe["augment.crop"] == 4 and tune.recipe["train.momentum"] == 0.9
+
+
+def test_a_recipe_outside_the_space_is_one_line():
+    raw = with_overrides(REAL, {"tune.recipe": {**REAL["tune"]["recipe"],
+                                                "train.batch_size": 96}})
+    with pytest.raises(ParamsError, match="train.batch_size: 96 is outside the space"):
+        parse_tune(raw)
+
+
+def test_learning_rate_scales_with_the_batch():
+    tune = parse_tune(REAL)  # lr_reference_batch 128
+    point = {"train.learning_rate": 0.05, "train.batch_size": 256}
+    assert overrides(point, tune)["train.learning_rate"] == pytest.approx(0.1)
+    assert overrides({**point, "train.batch_size": 64}, tune)["train.learning_rate"] == \
+        pytest.approx(0.025)
+
+
+def test_an_infeasible_trial_is_never_the_best():
+    study = optuna.create_study(direction="maximize")
+    space = {"model.dropout": FloatDistribution(0.0, 0.5)}
+    for number, (accuracy, over) in enumerate([(0.9, 0.05), (0.7, -0.01), (0.8, 0.0)]):
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, value=accuracy, params={"model.dropout": number / 10},
+            distributions=space, system_attrs={"constraints:honest_gap": over}))
+    best = study_report._best(study)
+    assert best.number == 2 and best.value == 0.8  # 0.9 is over max_gap, 0.8 is exactly at it
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.95, params={
+        "model.dropout": 0.4}, distributions=space, system_attrs={"constraints:honest_gap": 1}))
+    assert study_report._best(study).number == 2
+
+
+def test_with_no_feasible_trial_there_is_no_winner():
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(create_trial(
+        state=TrialState.COMPLETE, value=0.9, params={"model.dropout": 0.1},
+        distributions={"model.dropout": FloatDistribution(0.0, 0.5)},
+        system_attrs={"constraints:honest_gap": 0.2}))
+    assert study_report._best(study) is None
+
+
+SPACE = {"model.dropout": {"low": 0.0, "high": 0.5},
+         "augment.crop": {"choices": [0, 4]},
+         "train.learning_rate": {"low": 0.005, "high": 0.05, "log": True},
+         "train.batch_size": {"choices": [32, 64]}}
+RECIPE = {"model.dropout": 0.25, "augment.crop": 4, "train.learning_rate": 0.02,
+          "train.batch_size": 64}
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_first_and_a_rerun_continues_to_exactly_n(project):
+    sh("dvc", "repro", "preprocess", cwd=project)
+    update_yaml(project / "params.yaml", {"tune.space": SPACE, "tune.recipe": RECIPE,
+                                          "tune.pruner": "none", "tune.max_gap": 0.5,
+                                          "tune.lr_reference_batch": 32})
+
+    def tune(trials: int):
+        return sh(sys.executable, "src/tune.py", "--epochs", "1", "--n-trials", str(trials),
+                  cwd=project)
+
+    tune(2)
+    out = tune(3)
+    study = optuna.load_study(study_name="regularization",
+                              storage=f"sqlite:///{project / 'optuna.db'}")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[0].params == RECIPE and trials[0].user_attrs["recipe"] is True
+    assert not any(t.user_attrs.get("recipe") for t in trials[1:])
+    for trial in trials:  # the gap is a constraint: max_gap 0.5
+        gap = trial.user_attrs["honest_gap"]
+        assert trial.constraints == {"honest_gap": pytest.approx(gap - 0.5)}
+    # the winner's printed command carries the rate scaled to its batch (reference batch 32)
+    best = study.best_trial
+    rate = best.params["train.learning_rate"] * best.params["train.batch_size"] / 32
+    assert f"-S train.learning_rate={rate!r}" in out.stdout
