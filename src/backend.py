@@ -18,6 +18,7 @@ loads and looks for devices; every other line it prints then is passed on.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import importlib.metadata
 import os
 import sys
@@ -96,5 +97,23 @@ def version(name: str) -> str:
     return f"{name} {importlib.metadata.version(name)}"
 
 
-if "keras" not in sys.modules and select() == "tensorflow":
-    load_tensorflow_quietly()
+class _WithoutTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r} (train.backend: jax)",
+                                      name=name)
+        return None
+
+
+def hide_tensorflow() -> None:
+    """On JAX nothing needs TensorFlow, but Keras imports it where it is installed (to seed it,
+    to serialize), seconds and hundreds of MB per run: make it look not installed, as on a GPU
+    machine with JAX alone."""
+    sys.meta_path.insert(0, _WithoutTensorFlow())
+
+
+if "keras" not in sys.modules:
+    if select() == "tensorflow":
+        load_tensorflow_quietly()
+    elif requested() == "jax":
+        hide_tensorflow()
