@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sh
-from params import load_params, update_yaml
+from cifar import Split
+from conftest import ROOT, TINY, sh
+from params import load_params, parse_params, read_yaml, update_yaml, with_overrides
 from preprocess import load_split
 
 pytestmark = pytest.mark.slow
@@ -92,3 +93,27 @@ def test_exp_run_lands_in_the_same_store(project):
     by_name = {r.data.tags.get("dvc.exp_name"): r for r in runs}
     assert "one-epoch" in by_name
     assert by_name["one-epoch"].data.params["train.epochs"] == "1"
+
+
+def test_test_loss_is_plain_cross_entropy_whatever_the_training_loss():
+    """Label smoothing and L2 change the training objective, not the reported test_loss."""
+    from evaluate import measure
+    from model import build_model
+    from train import compile_model
+
+    params = parse_params(with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
+        "model.l2": 0.01, "train.label_smoothing": 0.2}))
+    model = build_model(params.model, params.seed)
+    compile_model(model, params, steps=1, xla=False)
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+                  rng.integers(0, 10, 50).astype(np.uint8))
+    model.fit(split.images, np.eye(10)[split.labels], epochs=1, verbose=0)
+
+    test_loss, test_accuracy = measure(model, split, batch_size=16)
+    probabilities = model.predict(split.images, verbose=0).astype(np.float64)
+    assert test_loss == pytest.approx(
+        -np.log(probabilities[np.arange(50), split.labels]).mean(), rel=1e-5)
+    assert test_accuracy == np.mean(probabilities.argmax(axis=1) == split.labels)
+    trained_objective = model.evaluate(split.images, np.eye(10)[split.labels], verbose=0)[0]
+    assert trained_objective != pytest.approx(test_loss, rel=1e-2)
