@@ -8,7 +8,7 @@ Trains the default model (params.yaml `model`, `train.batch_size`) on the same i
 number of steps two ways, alternating A B A B, every run in a fresh child process (no state leaks
 from one to the next, and each child's ru_maxrss is that run's peak memory):
   A  the pipeline: `train.fit` with params.yaml shrunk to --epochs (tf.data input, the stage's
-     precision / XLA / strategy choices, validation batch `evaluate.batch_size`);
+     precision / XLA / strategy choices, validation batch `train.batch_size`);
   B  the seed's way: `model.fit` on uint8 / one-hot numpy arrays, SGD(0.01), Keras defaults
      otherwise (float32; validation batch = training batch).
 A Keras callback times each epoch from `on_epoch_begin` to `on_epoch_end` (training and validation)

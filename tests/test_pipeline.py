@@ -68,6 +68,14 @@ def test_repro_end_to_end(project):
     assert "Running stage" not in again.stdout
     assert len(runs_of(project)) == 1
 
+    # tracking-only and inference-only settings leave training up to date
+    update_yaml(project / "params.yaml", {"mlflow.experiment": "renamed",
+                                          "evaluate.batch_size": 32})
+    status = json.loads(sh("dvc", "status", "--json", cwd=project).stdout)
+    assert set(status) == {"evaluate"}
+    update_yaml(project / "params.yaml", {"mlflow.experiment": "cifar10-alexnet",
+                                          "evaluate.batch_size": 64})
+
     # a train.* change reruns train and evaluate only
     update_yaml(project / "params.yaml", {"train.epochs": 1})
     partial = sh("dvc", "repro", cwd=project)
