@@ -1,4 +1,5 @@
-"""dvc.yaml against the code: each stage's src/ deps are derived from its script's imports."""
+"""dvc.yaml against the code: each stage's src/ deps are derived from its script's imports, and
+its plots have named axes."""
 
 from __future__ import annotations
 
@@ -52,3 +53,37 @@ def test_stage_deps_are_exactly_the_modules_its_script_imports(name):
     derived = {f"src/{module}" for module in local_imports(ROOT / script)}
     assert {"missing": sorted(derived - listed), "superfluous": sorted(listed - derived)} == \
         {"missing": [], "superfluous": []}
+
+
+def all_plots() -> dict[str, dict]:
+    plots = {}
+    for entry in DVC_YAML.get("plots", []):
+        plots.update(entry)
+    for stage in STAGES.values():
+        for entry in stage.get("plots", []):
+            plots.update(entry if isinstance(entry, dict) else {entry: {}})
+    return plots
+
+
+@pytest.mark.parametrize("name", sorted(all_plots()))
+def test_every_plot_has_named_axes(name):
+    plot = all_plots()[name]
+    assert {"x", "y", "x_label", "y_label", "title"} <= plot.keys()
+
+
+def test_only_the_evaluation_metrics_are_metrics():
+    """`dvc exp show` starts with the first metrics file's columns: the test figures."""
+    metrics = [entry if isinstance(entry, str) else next(iter(entry))
+               for stage in STAGES.values() for entry in stage.get("metrics", [])]
+    assert metrics == ["${paths.metrics}"]
+
+
+def test_every_stage_can_use_the_run_cache():
+    """DVC neither saves nor restores a run of a stage with a `persist` output, or with a
+    `cache: false` output that is not a metric or plot (dvc/stage/__init__.py, Stage.run)."""
+    for stage in STAGES.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                options = {} if isinstance(entry, str) else next(iter(entry.values())) or {}
+                assert not options.get("persist", False)
+                assert kind != "outs" or options.get("cache", True)
