@@ -11,7 +11,7 @@ number of steps two ways, alternating A B A B, every run in a fresh child proces
 from one to the next, and each child's ru_maxrss is that run's peak memory):
   A  the pipeline: `train.fit` with params.yaml (and --set) shrunk to --epochs (its input
      pipeline and augmentation, the stage's precision / compilation / distribution choices,
-     validation batch `evaluate.batch_size`);
+     validation batch `train.batch_size`);
   B  plain Keras: `model.fit` on uint8 / one-hot numpy arrays, SGD(0.01), no augmentation, Keras
      defaults otherwise (float32; validation batch = training batch).
 Both run on `train.backend`. With augmentation on, A/B bounds what augmentation and the pipeline

@@ -6,7 +6,9 @@ The honest generalization gap is the accuracy on the training images evaluated i
 (no dropout, no augmentation) minus the validation accuracy; the in-training gap from the history
 (`final_gap`, `worst_gap`) understates it once dropout or augmentation is on. Writes
 `reports/metrics.json`, `reports/confusion.csv` (one row per test image, for `dvc plots`) and PNG
-figures, and logs them to the MLflow run that `train` opened.
+figures, and logs them to the MLflow run that `train` opened. `test_loss` and `val_loss` are plain
+categorical cross-entropy (no label smoothing, no weight decay), so they compare across
+configurations; the training history's losses are the objective as trained.
 """
 
 from __future__ import annotations
@@ -33,11 +35,25 @@ from cifar import CLASSES
 from params import Params, load_params
 from preprocess import load_split
 
+EPSILON = 1e-7  # Keras' clip of probabilities in cross-entropy
+
+
+def predict(model: keras.Model, split, batch_size: int) -> np.ndarray:
+    """Class probabilities of every image of `split`, in order, in inference mode."""
+    return model.predict(dataset.eval_dataset(split, batch_size), verbose=0)
+
+
+def scores(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(plain categorical cross-entropy, accuracy) of predicted probabilities."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    picked = probabilities[np.arange(len(labels)), labels] / probabilities.sum(axis=1)
+    loss = -np.log(np.clip(picked, EPSILON, 1 - EPSILON)).mean()
+    return float(loss), float(np.mean(np.argmax(probabilities, axis=1) == labels))
+
 
 def measure(model: keras.Model, split, batch_size: int) -> tuple[float, float]:
-    """(loss, accuracy) in inference mode, as Keras reports validation figures."""
-    loss, accuracy = model.evaluate(dataset.eval_dataset(split, batch_size), verbose=0)
-    return float(loss), float(accuracy)
+    """(plain cross-entropy, accuracy) of the model on `split` in inference mode."""
+    return scores(predict(model, split, batch_size), split.labels)
 
 
 def honest_gap(model: keras.Model, train_split, val_accuracy: float, batch_size: int) -> float:
@@ -74,17 +90,17 @@ def evaluate(params: Params) -> dict:
         raise cli.StageError(f"{paths.model} is missing: run `dvc repro train`")
     model = keras.models.load_model(paths.model, safe_mode=True)
     splits = {name: load_split(paths.processed, name) for name in ("train", "val", "test")}
-    (train_loss, train_acc), (val_loss, val_acc), (test_loss, test_acc) = (
-        measure(model, splits[name], batch) for name in ("train", "val", "test"))
+    probabilities = {name: predict(model, split, batch) for name, split in splits.items()}
+    (_, train_acc), (val_loss, val_acc), (test_loss, test_acc) = (
+        scores(probabilities[name], splits[name].labels) for name in ("train", "val", "test"))
     test = splits["test"]
-    predicted = np.argmax(model.predict(dataset.eval_dataset(test, batch), verbose=0), axis=1)
+    predicted = np.argmax(probabilities["test"], axis=1)
     matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
     np.add.at(matrix, (test.labels, predicted), 1)
     history = pd.read_csv(paths.history)
-    metrics = {
-        "test_loss": test_loss, "test_accuracy": test_acc,
-        "val_loss": val_loss, "val_accuracy": val_acc,
-        "train_accuracy": train_acc, "honest_gap": train_acc - val_acc,
+    metrics = {  # in the order `dvc exp show` shows them: the figures compared first
+        "test_accuracy": test_acc, "honest_gap": train_acc - val_acc, "val_accuracy": val_acc,
+        "test_loss": test_loss, "val_loss": val_loss, "train_accuracy": train_acc,
         "final_gap": float(history["gap"].iloc[-1]), "worst_gap": float(history["gap"].max()),
         "per_class_accuracy": {cls: float(matrix[i, i] / max(1, matrix[i].sum()))
                                for i, cls in enumerate(CLASSES)},
@@ -99,7 +115,8 @@ def evaluate(params: Params) -> dict:
     atomic.write_json(paths.metrics, metrics)
 
     with tracking.run(run_id=run_id):
-        # val_loss/val_accuracy already have one point per epoch from train; same figures
+        # val_loss/val_accuracy already have one point per epoch from train (val_loss there is
+        # the objective as trained, with label smoothing and L2)
         mlflow.log_metrics({key: value for key, value in metrics.items()
                             if not isinstance(value, dict) and key not in ("val_loss",
                                                                             "val_accuracy")})

@@ -118,7 +118,7 @@ def fit(params: Params, train_split: Split, val_split: Split,
     model.fit(
         dataset.train_dataset(train_split, params.train.batch_size, params.seed, len(history),
                               params.train.epochs, params.augment),
-        validation_data=dataset.eval_dataset(val_split, params.evaluate.batch_size),
+        validation_data=dataset.eval_dataset(val_split, params.train.batch_size),
         epochs=params.train.epochs, initial_epoch=len(history), steps_per_epoch=steps,
         shuffle=False,  # the dataset is already shuffled, per epoch, resumably
         callbacks=[StopOnNaN(), EpochLog(history, on_epoch), *stop, *callbacks],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 
 import dataset
 from conftest import ROOT
-from params import ParamsError, load_params, parse_params, read_yaml
+from params import ParamsError, load_params, parse_params, read_yaml, with_overrides
 
 REAL = read_yaml(ROOT / "params.yaml")
 
@@ -91,3 +93,58 @@ def test_any_document_is_refused_in_one_line(document):
     with pytest.raises(ParamsError) as error:
         parse_params(document)
     assert "\n" not in str(error.value)
+
+
+def comment_owners(text: str) -> list[tuple[str, str]]:
+    """(dotted key, comment) for every comment of a block-style YAML file: an end-of-line comment
+    belongs to the key on its line, a comment line to the next key below it, or to the list key
+    whose items follow it."""
+    owners, pending, stack = [], [], []  # stack: (indentation, key) of the enclosing keys
+    for line in text.splitlines():
+        body, *comment = re.split(r"(?:^|(?<=\s))#", line, maxsplit=1)
+        comment = comment[0].strip() if comment else None
+        indent = len(body) - len(body.lstrip())
+        key = re.match(r"\s*([^\s:#-][^:]*):(\s|$)", body)
+        if key:
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            stack.append((indent, key.group(1)))
+            path = ".".join(k for _, k in stack)
+            owners += [(path, c) for c in pending] + ([(path, comment)] if comment else [])
+            pending = []
+        elif body.strip().startswith("-"):
+            owners += [(".".join(k for _, k in stack), c) for c in pending]
+            pending = []
+        elif comment:
+            pending.append(comment)
+    return sorted(owners + [("", c) for c in pending])
+
+
+OVERRIDES = {"seed": 7, "data.train_limit": 100, "model.dropout": 0.25, "model.filters": [8, 16],
+             "train.epochs": 3, "evaluate.batch_size": 64, "mlflow.experiment": "other",
+             "tune.n_trials": 5}
+
+
+def test_dvc_set_param_keeps_every_comment_beside_its_key(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml with `apply_overrides`: only values change."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    path.write_text(original)
+    apply_overrides(path, [f"{key}={json.dumps(value)}" for key, value in OVERRIDES.items()])
+    rewritten = path.read_text()
+    assert comment_owners(rewritten) == comment_owners(original)
+    assert read_yaml(path) == with_overrides(REAL, OVERRIDES)
+    assert load_params(path).model.filters == [8, 16]
+
+    # the layout is what DVC writes: setting a key to its own value changes no byte
+    path.write_text(original)
+    apply_overrides(path, ["seed=42"])
+    assert path.read_text() == original
+
+
+def test_comment_owners_follow_keys_and_lists():
+    text = "# head\na:  # on a\n  # above b\n  b:\n  # in the list\n  - 1\n  c: 2  # on c\n"
+    assert comment_owners(text) == sorted([("a", "head"), ("a", "on a"), ("a.b", "above b"),
+                                           ("a.b", "in the list"), ("a.c", "on c")])

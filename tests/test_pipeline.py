@@ -9,19 +9,39 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sh
-from params import load_params, update_yaml
+from cifar import Split
+from conftest import ROOT, TINY, sh
+from params import load_params, parse_params, read_yaml, update_yaml, with_overrides
 from preprocess import load_split
 
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {"test_loss", "test_accuracy", "val_loss", "val_accuracy", "train_accuracy",
                "honest_gap", "final_gap", "worst_gap", "per_class_accuracy"}
+OUTPUTS = ("models/model.keras", "reports/history.csv", "reports/train.json",
+           "reports/metrics.json", "reports/confusion.csv")
 
 
 def runs_of(project, experiment="cifar10-alexnet"):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def axis_titles(spec) -> dict[str, set[str]]:
+    """The x and y axis titles anywhere in a Vega-Lite spec (layers included)."""
+    titles = {"x": set(), "y": set()}
+    nodes = [spec]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, dict):
+            for axis, titled in titles.items():
+                channel = (node.get("encoding") or {}).get(axis)
+                if isinstance(channel, dict) and "title" in channel:
+                    titled.add(channel["title"])
+            nodes += node.values()
+        elif isinstance(node, list):
+            nodes += node
+    return titles
 
 
 def test_repro_end_to_end(project):
@@ -67,6 +87,14 @@ def test_repro_end_to_end(project):
     assert "Running stage" not in again.stdout
     assert len(runs_of(project)) == 1
 
+    # tracking-only and inference-only settings leave training up to date
+    update_yaml(project / "params.yaml", {"mlflow.experiment": "renamed",
+                                          "evaluate.batch_size": 32})
+    status = json.loads(sh("dvc", "status", "--json", cwd=project).stdout)
+    assert set(status) == {"evaluate"}
+    update_yaml(project / "params.yaml", {"mlflow.experiment": "cifar10-alexnet",
+                                          "evaluate.batch_size": 64})
+
     # a train.* change reruns train and evaluate only
     update_yaml(project / "params.yaml", {"train.epochs": 1})
     partial = sh("dvc", "repro", cwd=project)
@@ -78,6 +106,11 @@ def test_repro_end_to_end(project):
     assert "test_accuracy" in sh("dvc", "metrics", "show", cwd=project).stdout
     sh("dvc", "plots", "show", "--out", str(project / "plots_out"), cwd=project)
     assert (project / "plots_out" / "index.html").is_file()
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)["data"]
+    assert set(plots) == {"accuracy", "loss", "generalization_gap", "reports/confusion.csv"}
+    for plot in plots.values():
+        titles = axis_titles(plot[0]["content"])
+        assert titles["x"] and titles["y"] and not (titles["x"] | titles["y"]) & {"", "x", "y"}
 
 
 def test_exp_run_lands_in_the_same_store(project):
@@ -87,8 +120,52 @@ def test_exp_run_lands_in_the_same_store(project):
     sh("dvc", "exp", "run", "-S", "train.epochs=1", "--temp", "-n", "one-epoch", cwd=project)
     show = sh("dvc", "exp", "show", "--no-pager", "--csv", cwd=project).stdout
     assert "one-epoch" in show
+    # the columns a user compares come first, the data summary is not among them
+    header = show.splitlines()[0].split(",")
+    first = header.index("test_accuracy")
+    assert header[first:first + 3] == ["test_accuracy", "honest_gap", "val_accuracy"]
+    assert not any(column.startswith(("counts", "per_class.")) for column in header)
     runs = runs_of(project)
     assert len(runs) == 2
     by_name = {r.data.tags.get("dvc.exp_name"): r for r in runs}
     assert "one-epoch" in by_name
     assert by_name["one-epoch"].data.params["train.epochs"] == "1"
+
+
+def test_going_back_to_earlier_params_restores_them_from_the_run_cache(project):
+    sh("dvc", "repro", cwd=project)
+    first = {path: (project / path).read_bytes() for path in OUTPUTS}
+    update_yaml(project / "params.yaml", {"model.dropout": 0.2})
+    other = sh("dvc", "repro", cwd=project)
+    assert "Running stage 'train'" in other.stdout
+
+    update_yaml(project / "params.yaml", {"model.dropout": 0.1})
+    back = sh("dvc", "repro", cwd=project)
+    assert "Running stage" not in back.stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in back.stdout
+    assert {path: (project / path).read_bytes() for path in OUTPUTS} == first
+    assert len(runs_of(project)) == 2
+
+
+def test_test_loss_is_plain_cross_entropy_whatever_the_training_loss():
+    """Label smoothing and L2 change the training objective, not the reported test_loss."""
+    from evaluate import measure
+    from model import build_model
+    from train import compile_model
+
+    params = parse_params(with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
+        "model.l2": 0.01, "train.label_smoothing": 0.2}))
+    model = build_model(params.model, params.seed)
+    compile_model(model, params, steps=1, xla=False)
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+                  rng.integers(0, 10, 50).astype(np.uint8))
+    model.fit(split.images, np.eye(10)[split.labels], epochs=1, verbose=0)
+
+    test_loss, test_accuracy = measure(model, split, batch_size=16)
+    probabilities = model.predict(split.images, verbose=0).astype(np.float64)
+    assert test_loss == pytest.approx(
+        -np.log(probabilities[np.arange(50), split.labels]).mean(), rel=1e-5)
+    assert test_accuracy == np.mean(probabilities.argmax(axis=1) == split.labels)
+    trained_objective = model.evaluate(split.images, np.eye(10)[split.labels], verbose=0)[0]
+    assert trained_objective != pytest.approx(test_loss, rel=1e-2)
