@@ -1,11 +1,15 @@
 """The `tune` section of params.yaml: study settings and a search space over params keys.
 
 Every space entry is a dotted key of the `model` or `train` section, so any sampled point is a
-set of `dvc exp run -S key=value` overrides; sampled values are validated by the params schema.
+set of `dvc exp run -S key=value` overrides. The space is checked against the params schema before
+any trial runs: a range needs a numeric param, and both ends, a few points between them and every
+choice must pass the schema (a mistyped entry is a one-line error naming its key, not a failed
+trial).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import optuna
@@ -78,21 +82,60 @@ class Tune(_Strict):
         return self
 
 
-def parse_tune(raw: dict) -> Tune:
+def parse_tune(raw: dict, overrides: dict[str, Any] | None = None) -> Tune:
+    """The `tune` section of loaded params.yaml (with `overrides` of its keys), space checked."""
     section = raw.get("tune")
     if not isinstance(section, dict):
-        raise ParamsError("params.yaml: tune: missing section")
+        raise ParamsError("params.yaml: tune: missing section (see the project's params.yaml)")
     try:
-        return Tune.model_validate(section)
+        tune = Tune.model_validate({**section, **(overrides or {})})
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p not in ("Range", "Choice"))
         raise ParamsError(f"params.yaml: tune.{where}: {first['msg']}") from None
+    check_space(raw, tune)
+    return tune
+
+
+def _annotation(key: str) -> Any:
+    section, _, name = key.partition(".")
+    return SECTIONS[section].model_fields[name].annotation
 
 
 def _is_int(key: str) -> bool:
-    section, _, name = key.partition(".")
-    return SECTIONS[section].model_fields[name].annotation is int
+    return _annotation(key) is int
+
+
+def _probes(key: str, spec: Range | Choice) -> list:
+    """The values of an entry that must validate: every choice; a range's ends and inside."""
+    if isinstance(spec, Choice):
+        return list(spec.choices)
+    if _annotation(key) not in (int, float):
+        raise ParamsError(f"params.yaml: tune.space.{key}: a range needs a numeric param; "
+                          "list the values as choices")
+    if _is_int(key) and not (float(spec.low).is_integer() and float(spec.high).is_integer()):
+        raise ParamsError(f"params.yaml: tune.space.{key}: an integer param needs whole "
+                          "numbers for low and high")
+    if spec.log:
+        low, high = math.log(spec.low), math.log(spec.high)
+        points = [math.exp(low + (high - low) * i / 4) for i in range(5)]
+    else:
+        points = [spec.low + (spec.high - spec.low) * i / 4 for i in range(5)]
+    points = [spec.low, spec.high, *points[1:-1]]  # exactly the ends (no rounding), first
+    return [round(p) for p in points] if _is_int(key) else points
+
+
+def check_space(raw: dict, tune: Tune) -> None:
+    """Refuse a space entry whose values the params schema would refuse inside a trial."""
+    parse_params(raw)  # a broken params.yaml is reported as itself, not blamed on the space
+    for key, spec in tune.space.items():
+        for value in _probes(key, spec):
+            try:
+                parse_params(with_overrides(raw, {key: value, "train.epochs": tune.epochs}))
+            except ParamsError as error:
+                reason = str(error).removeprefix("params.yaml: ")
+                raise ParamsError(f"params.yaml: tune.space.{key}: value {value!r} is refused "
+                                  f"({reason})") from None
 
 
 def sample(trial: optuna.Trial, space: dict[str, Range | Choice]) -> dict[str, Any]:

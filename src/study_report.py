@@ -2,8 +2,9 @@
 
 A table of all trials (CSV), the optimization history, the parameter importances and validation
 accuracy against the honest gap (PNGs); the best trial's MLflow run is tagged `optuna.best=true`.
-Returns the best point: the highest validation accuracy (on the Pareto front when the study is
-multi-objective).
+The parent run gets the best trial's number, values and params (`best.<key>` tags; metrics too
+where numeric). Returns the best point: the highest validation accuracy (on the Pareto front
+when the study is multi-objective).
 """
 
 from __future__ import annotations
@@ -106,13 +107,19 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
             print(f"tune: no complete trial meets tune.max_gap ({tune.max_gap}) yet")
         return None
     _tag_best(study, best)
-    mlflow.set_tags({"optuna.best_trial": str(best.number)})
+    point = overrides({key: best.params[key] for key in tune.space}, tune)  # as trained
+    # tags and metrics, not params: the best trial changes as the study goes on
+    mlflow.set_tags({"optuna.best_trial": str(best.number),
+                     **{f"best.{key}": str(value) for key, value in point.items()}})
     mlflow.log_metrics({"best_val_accuracy": _accuracy(best),
-                        "best_honest_gap": best.user_attrs.get("honest_gap", float("nan"))})
+                        "best_honest_gap": best.user_attrs.get("honest_gap", float("nan")),
+                        "best_trial": best.number,
+                        **{f"best.{key}": float(value) for key, value in point.items()
+                           if isinstance(value, int | float) and not isinstance(value, bool)}})
     if len(study.directions) > 1:
         print("tune: Pareto front (trial: val accuracy, honest gap):")
         for trial in sorted(study.best_trials, key=_accuracy, reverse=True):
             print(f"  {trial.number}: {trial.values[0]:.4f}, {trial.values[1]:.4f}")
     print(f"tune: best trial {best.number}: val accuracy {_accuracy(best):.4f}, "
           f"honest gap {best.user_attrs.get('honest_gap', float('nan')):.4f}")
-    return overrides({key: best.params[key] for key in tune.space}, tune)
+    return point

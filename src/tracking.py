@@ -5,6 +5,10 @@ The store is embedded in the repository unless `MLFLOW_TRACKING_URI` names a ser
 reads. Stages that `dvc exp run --temp` or `--queue` runs in a copy under `.dvc/tmp/exps/` log to
 the repository's store all the same. Credentials for a server come from the environment
 (`MLFLOW_TRACKING_USERNAME`/`_PASSWORD`/`_TOKEN`), never from params, tags or logs.
+
+A new run is named after what a person knows it by: the DVC experiment (`dvc exp run -n NAME`),
+else the commit, `-dirty` when the worktree has changes, and the params that differ from the
+commit's params.yaml (`1a2b3c4-dirty dropout=0.3 learning_rate=0.02`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,16 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from ruamel.yaml import YAML, YAMLError
 
 from cli import Terminated
+from dblock import DatabaseLock
+
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # as the MLflow UI reads
+NOTE = "mlflow.note.content"  # the experiment's description in the UI
+PIPELINE_DESCRIPTION = (
+    "Runs of the DVC pipeline (`dvc repro`, `dvc exp run`): one run per training, named after "
+    "the DVC experiment or the commit and changed params; evaluation adds the test metrics.")
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -31,8 +43,12 @@ def project_root(cwd: Path | None = None) -> Path:
     return cwd
 
 
-def configure(experiment: str) -> str:
-    """Point MLflow at the store, select `experiment` (created if needed); return the store URI."""
+def configure(experiment: str, description: str = PIPELINE_DESCRIPTION) -> str:
+    """Point MLflow at the store, select `experiment` (created if needed); return the store URI.
+
+    The experiment is marked as model training, so that the MLflow UI opens on its runs table
+    (not the GenAI overview), and carries `description` unless someone wrote another one.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     artifact_location = None
     if not uri:
@@ -40,11 +56,21 @@ def configure(experiment: str) -> str:
         uri = f"sqlite:///{root / 'mlflow.db'}"
         artifact_location = (root / "mlruns").as_uri()
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        try:
-            mlflow.create_experiment(experiment, artifact_location=artifact_location)
-        except MlflowException:  # another process created it first
-            pass
+    # the first access creates or migrates the store's schema: one process at a time
+    with DatabaseLock(uri, "mlflow-store"):
+        tags = {**EXPERIMENT_TAGS, NOTE: description}
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            try:
+                mlflow.create_experiment(experiment, artifact_location=artifact_location,
+                                         tags=tags)
+            except MlflowException:  # a server's other client created it meanwhile
+                found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            client = mlflow.tracking.MlflowClient()
+            for key, value in tags.items():
+                if key not in found.tags:
+                    client.set_experiment_tag(found.experiment_id, key, value)
     mlflow.set_experiment(experiment)
     return uri
 
@@ -72,6 +98,43 @@ def provenance_tags(data_md5: str) -> dict[str, str]:
     return tags
 
 
+def _changed_params() -> list[str]:
+    """`name=value` for each param that differs from the committed params.yaml."""
+    committed = _git("show", "HEAD:params.yaml")
+    try:
+        before = _flat(YAML(typ="safe", pure=True).load(committed or "") or {})
+        now = _flat(YAML(typ="safe", pure=True).load(Path("params.yaml").read_text()) or {})
+    except (OSError, YAMLError):
+        return []
+    changed = [key for key in now if key != "tune" and not key.startswith("tune.")
+               and before.get(key) != now[key]]
+    return [f"{key.rpartition('.')[2]}={_show(now[key])}" for key in changed]
+
+
+def _flat(node, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (node.items() if isinstance(node, dict) else ()):
+        name = f"{prefix}{key}"
+        flat |= _flat(value, f"{name}.") if isinstance(value, dict) else {name: value}
+    return flat
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value).replace(" ", "")
+
+
+def run_name() -> str | None:
+    """The DVC experiment's name, else `<commit>[-dirty] [changed params]`; None outside git."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    commit = _git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return None
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    name = " ".join([commit + ("-dirty" if dirty else ""), *_changed_params()])
+    return name[:200]
+
+
 def _raise_terminated(signum, frame):
     raise Terminated(f"signal {signum}")
 
@@ -81,8 +144,11 @@ def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume, given `run_id`) a run that always ends with the right status.
 
     FINISHED on success, FAILED on an exception, KILLED on SIGTERM or Ctrl-C. A SIGKILL leaves the
-    run RUNNING; resuming it from a checkpoint continues the same run.
+    run RUNNING; resuming it from a checkpoint continues the same run. A new run without a
+    `run_name` gets `run_name()`.
     """
+    if run_id is None and not kwargs.get("run_name"):
+        kwargs["run_name"] = run_name()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:

@@ -10,7 +10,8 @@ first `tune.train_limit` training images and scores validation accuracy; the hon
 accuracy in inference mode minus validation accuracy) is recorded for every trial and is the
 second objective with `--multi-objective`. Rerunning the same command continues the study up to
 `--n-trials` finished (complete or pruned) trials; several processes may run it at once on the same
-storage.
+storage, also started at the same instant on an empty database (see shared_study.py).
+Progress: Keras' bars on a terminal, otherwise one line per epoch of every trial.
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
 # isort: split
 
 import argparse
-import time
-import warnings
 from pathlib import Path
 from typing import get_args
 
 import keras
 import mlflow
 import optuna
-from optuna.trial import TrialState
 
 import atomic
 import cli
+import progress
 import study_report
 import tracking
 from cifar import Split
@@ -47,52 +46,12 @@ from search_space import (
     sample,
     trial_params,
 )
+from shared_study import make_study, parent_run_id, run_study
 from train import fit
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the trial budget counts
-ALIVE = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
-MAX_FAILURES_IN_A_ROW = 5
-
-
-class BudgetReached(Exception):
-    """Other workers already hold the last trials of the budget."""
-
-
-def make_storage(tune: Tune) -> optuna.storages.RDBStorage:
-    url = tune.storage or f"sqlite:///{tracking.project_root() / 'optuna.db'}"
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
-        "pool_pre_ping": True}
-    with warnings.catch_warnings():  # experimental since Optuna 2.8, the supported way
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retry)
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine, heartbeat_interval=tune.heartbeat_interval,
-        grace_period=tune.grace_period, heartbeat_stale_trial_callback=retry)
-
-
-def make_pruner(tune: Tune) -> optuna.pruners.BasePruner:
-    """No trial is pruned before `tune.min_epochs` epochs (epoch-1 accuracy is mostly noise)."""
-    if (tune.multi_objective  # Optuna prunes single objectives only
-            or tune.pruner == "none" or tune.min_epochs >= tune.epochs):
-        return optuna.pruners.NopPruner()
-    if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=tune.min_epochs,
-                                              max_resource=tune.epochs)
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=tune.min_epochs)
-
-
-def make_study(tune: Tune) -> optuna.Study:
-    # Unseeded: workers sharing a study would otherwise sample the same points.
-    directions = ["maximize", "minimize"] if tune.multi_objective else ["maximize"]
-    sampler = (optuna.samplers.TPESampler() if tune.sampler == "tpe"
-               else optuna.samplers.RandomSampler())
-    study = optuna.create_study(storage=make_storage(tune), study_name=tune.study_name,
-                                sampler=sampler, pruner=make_pruner(tune), directions=directions,
-                                load_if_exists=True)
-    if [d.name.lower() for d in study.directions] != directions:
-        raise cli.StageError(f"study {tune.study_name!r} exists with other objectives; "
-                             "use --study-name for a new one")
-    return study
+TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
+                    "artifacts, the best trial as best.* tags and metrics), one nested run per "
+                    "trial.")
 
 
 class Pruning(keras.callbacks.Callback):
@@ -112,26 +71,21 @@ class Objective:
     def __init__(self, raw: dict, tune: Tune, train_split: Split, val_split: Split):
         self.raw, self.tune = raw, tune
         self.train_split, self.val_split = train_split, val_split
-        self.budget_reached = False
 
     def __call__(self, trial: optuna.Trial):
-        # Workers racing for the last places: the lower trial numbers win, the others stand down.
-        alive = [t for t in trial.study.get_trials(deepcopy=False, states=ALIVE)
-                 if t.number < trial.number]
-        if len(alive) >= self.tune.n_trials:
-            self.budget_reached = True
-            trial.set_user_attr("not_run", "budget reached by other workers")
-            raise BudgetReached(f"trial {trial.number}: budget of {self.tune.n_trials} reached")
         point = sample(trial, self.tune.space)
         params = trial_params(self.raw, point, self.tune)
         tags = {"optuna.study": self.tune.study_name, "optuna.trial": str(trial.number)}
-        with tracking.run(run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
+        with tracking.run(run_name=f"{self.tune.study_name}-trial-{trial.number}", nested=True,
+                          tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({**overrides(point, self.tune), "train.epochs": self.tune.epochs,
                                "data.train_images": len(self.train_split)})
             try:
-                result = fit(params, self.train_split, self.val_split, verbose=0,
-                             callbacks=[] if self.tune.multi_objective else [Pruning(trial)],
+                pruning = [] if self.tune.multi_objective else [Pruning(trial)]
+                result = fit(params, self.train_split, self.val_split,
+                             verbose=progress.verbosity(),
+                             callbacks=[*progress.callbacks(f"trial {trial.number}"), *pruning],
                              on_epoch=lambda model, history: mlflow.log_metrics(
                                  {k: v for k, v in history[-1].items() if k != "epoch"},
                                  step=history[-1]["epoch"]))
@@ -162,55 +116,6 @@ class Objective:
         return (val_accuracy, gap) if self.tune.multi_objective else val_accuracy
 
 
-def start_from_recipe(study: optuna.Study, tune: Tune) -> None:
-    """A new study's first trial is the hand recipe (`tune.recipe`): the point to beat."""
-    if tune.recipe and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(tune.recipe, user_attrs={"recipe": True}, skip_if_exists=True)
-
-
-def parent_run_id(study: optuna.Study, experiment: str) -> str:
-    """The study's one MLflow parent run, created by the first worker that needs it."""
-    run_id = study.user_attrs.get("mlflow_run_id")
-    if run_id and mlflow.tracking.MlflowClient().search_runs(
-            [mlflow.get_experiment_by_name(experiment).experiment_id],
-            f"attributes.run_id = '{run_id}'"):
-        return run_id
-    with mlflow.start_run(run_name=study.study_name,
-                          tags={"optuna.study": study.study_name}) as run:
-        pass
-    study.set_user_attr("mlflow_run_id", run.info.run_id)
-    return run.info.run_id
-
-
-def run_study(study: optuna.Study, objective: Objective, tune: Tune) -> None:
-    """Run trials until the study has `n_trials` finished ones (or the timeout passes).
-
-    Finished means complete or pruned: a pruned trial got its verdict. Failed trials do not
-    count; a dead worker's trial is retried.
-    """
-    deadline = time.monotonic() + tune.timeout if tune.timeout else None
-    failures = 0
-    while True:
-        with warnings.catch_warnings():  # experimental since Optuna 2.9, still the way to do it
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
-        if len(study.get_trials(deepcopy=False, states=FINISHED)) >= tune.n_trials:
-            return
-        taken = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-        if len(taken) >= tune.n_trials:  # not WAITING: a retry or enqueued point needs a worker
-            return  # the remaining trials are running in other workers
-        if deadline and time.monotonic() > deadline:
-            return
-        finished: list[TrialState] = []
-        study.optimize(objective, n_trials=1, catch=(Exception,),
-                       callbacks=[lambda _, trial, done=finished: done.append(trial.state)])
-        if objective.budget_reached:
-            return
-        failures = failures + 1 if finished == [TrialState.FAIL] else 0
-        if failures >= MAX_FAILURES_IN_A_ROW:
-            raise cli.StageError(f"{failures} trials in a row failed; see the log above")
-
-
 def tune(args: argparse.Namespace) -> dict:
     params = load_params()
     raw = read_yaml("params.yaml")
@@ -220,7 +125,7 @@ def tune(args: argparse.Namespace) -> dict:
         "storage": args.storage, "pruner": args.pruner,
         "multi_objective": args.multi_objective or None,
     }.items() if value is not None}
-    tune_settings = parse_tune({"tune": {**raw["tune"], **overrides}})
+    tune_settings = parse_tune(raw, overrides)
     processed = Path(params.paths.processed)
     if not (processed / "train.npz").is_file():
         raise cli.StageError(f"{processed}/train.npz is missing: run `dvc repro preprocess`")
@@ -231,11 +136,10 @@ def tune(args: argparse.Namespace) -> dict:
     val_split = load_split(processed, "val")
 
     study = make_study(tune_settings)
-    start_from_recipe(study, tune_settings)
     experiment = f"{params.mlflow.experiment}-tune"
-    tracking.configure(experiment)
+    tracking.configure(experiment, TUNE_DESCRIPTION)
     objective = Objective(raw, tune_settings, train_split, val_split)
-    with tracking.run(run_id=parent_run_id(study, experiment)):
+    with tracking.run(run_id=parent_run_id(study, tune_settings, experiment)):
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags({f"tune.{k}": str(v) for k, v in tune_settings.model_dump().items()
                          if k not in ("space", "storage")})

@@ -32,7 +32,7 @@ from psycopg2 import sql
 
 from conftest import ROOT, sh, tool_env
 from params import update_yaml
-from test_tune import SMALL_SPACE
+from test_tune import SMALL_SPACE, assert_one_study
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def database(database_name):
 @pytest.fixture
 def tuned(project):
     sh("dvc", "repro", "preprocess", cwd=project)
-    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE})
+    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None})
     return project
 
 
@@ -156,33 +156,28 @@ def tune_command(database: Database, *args: str) -> list[str]:
 
 
 @pytest.mark.postgres
-def test_three_workers_share_one_postgres_study(tuned, database, tmp_path):
+def test_three_workers_started_together_share_one_postgres_study(tuned, database, tmp_path):
     update_yaml(tuned / "params.yaml", {"tune.pruner": "none"})  # every trial runs to the end
-    command = tune_command(database, "--n-trials", "9", "--epochs", "1")
+    command = tune_command(database, "--n-trials", "6", "--epochs", "1")
     logs = [tmp_path / f"worker-{index}.log" for index in range(3)]
-    # The first worker creates the tables, the study and its MLflow parent run; the others join
-    # once it trains, so no two processes race to create the same schema.
-    workers = [start(command, tuned, logs[0])]
+    # An empty database and no MLflow store yet: all three workers create the Optuna schema, the
+    # study, the MLflow store and the parent run at the same instant.
+    workers = [start(command, tuned, log) for log in logs]
     try:
-        wait_for(lambda: trials_if_any(database, (TrialState.RUNNING, TrialState.COMPLETE)),
-                 "a trial of the first worker", workers[0], logs[0])
-        workers += [start(command, tuned, log) for log in logs[1:]]
         for worker, log in zip(workers, logs, strict=True):
             assert worker.wait(timeout=1200) == 0, log.read_text()[-3000:]
+            assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     finally:
         for worker in workers:
             stop(worker)
 
     trials = optuna.load_study(study_name=STUDY, storage=database.url).trials
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 9
-    assert len({t.number for t in trials}) == len(trials)
-    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-
     mlflow.set_tracking_uri(f"sqlite:///{tuned / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["cifar10-alexnet-tune"], output_format="list")
+    assert_one_study(trials, runs, 6)
+    assert len({t.number for t in trials}) == len(trials)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    for trial in complete:
+    for trial in trials:
         (run,) = [r for r in runs if r.data.tags.get("optuna.trial") == str(trial.number)]
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id

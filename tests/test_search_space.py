@@ -5,12 +5,15 @@ from __future__ import annotations
 import optuna
 import pytest
 
+import tune as tune_script
 from conftest import ROOT
 from params import ParamsError, read_yaml, with_overrides
 from search_space import as_nested, exp_run_command, parse_tune, sample, trial_params
-from tune import Pruning, make_study
+from shared_study import make_study
+from tune import Pruning
 
-RAW = read_yaml(ROOT / "params.yaml")
+# the real params without the recipe, so that a changed space is judged alone
+RAW = with_overrides(read_yaml(ROOT / "params.yaml"), {"tune.recipe": None})
 
 
 def test_every_space_key_is_a_param_and_every_sample_validates():
@@ -35,12 +38,44 @@ def test_bad_space_is_refused_naming_the_key():
         parse_tune(reversed_range)
 
 
+@pytest.mark.parametrize(("entry", "refused"), [
+    ({"low": 0.0, "high": 1.0}, "a range needs a numeric param"),  # a Literal
+    ({"choices": ["constant", "warmup"]}, "'warmup' is refused"),
+    ({"choices": [1, 2]}, "value 1 is refused"),  # a wrong type
+])
+def test_mistyped_categorical_entry_is_refused_before_any_trial(entry, refused):
+    raw = with_overrides(RAW, {"tune.space": {"train.lr_schedule": entry}})
+    with pytest.raises(ParamsError, match=rf"^params.yaml: tune.space.train.lr_schedule: "
+                                          rf".*{refused}"):
+        parse_tune(raw)
+
+
+@pytest.mark.parametrize(("key", "entry", "refused"), [
+    ("augment.flip", {"low": 0, "high": 1}, "a range needs a numeric param"),  # a bool
+    ("model.dropout", {"low": 0.0, "high": 1.5}, "value 1.5 is refused"),  # beyond the schema
+    ("model.dropout", {"choices": ["high"]}, "'high' is refused"),
+    ("train.batch_size", {"choices": [32, 64.0]}, "value 64.0 is refused"),
+    ("train.batch_size", {"low": 16.5, "high": 64}, "whole numbers"),
+])
+def test_space_values_the_schema_refuses_are_refused_naming_the_key(key, entry, refused):
+    with pytest.raises(ParamsError, match=rf"^params.yaml: tune.space.{key}: .*{refused}"):
+        parse_tune(with_overrides(RAW, {"tune.space": {key: entry}}))
+
+
+def test_params_without_tune_section_is_a_one_line_error(tmp_path, monkeypatch):
+    no_tune = (ROOT / "params.yaml").read_text().split("\ntune:")[0]
+    (tmp_path / "params.yaml").write_text(no_tune)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError, match="^params.yaml: tune: missing section"):
+        tune_script.tune(tune_script.parse_args([]))
+
+
 def test_point_maps_to_params_layout_and_dvc_command():
-    point = {"model.dropout": 0.25, "model.augment_flip": True, "train.lr_schedule": "cosine"}
-    assert as_nested(point) == {"model": {"dropout": 0.25, "augment_flip": True},
+    point = {"model.dropout": 0.25, "augment.flip": True, "train.lr_schedule": "cosine"}
+    assert as_nested(point) == {"model": {"dropout": 0.25}, "augment": {"flip": True},
                                 "train": {"lr_schedule": "cosine"}}
     assert exp_run_command(point) == ("dvc exp run -S model.dropout=0.25 "
-                                      "-S model.augment_flip=true -S train.lr_schedule=cosine")
+                                      "-S augment.flip=true -S train.lr_schedule=cosine")
 
 
 def test_pruning_callback_reports_each_epoch_and_stops_when_told():
@@ -69,6 +104,8 @@ def test_study_settings(tmp_path, pruner, multi, epochs, expected):
     study = make_study(tune)
     assert isinstance(study.pruner, expected)
     assert len(study.directions) == (2 if multi else 1)
+    # optuna-dashboard and the plots name the objectives instead of "Objective 0"
+    assert study.metric_names == (["val_accuracy", "honest_gap"] if multi else ["val_accuracy"])
 
 
 @pytest.mark.parametrize("pruner", ["median", "hyperband"])

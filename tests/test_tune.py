@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 SMALL_SPACE = {  # a few knobs of the real space, kept cheap
     "model.dropout": {"low": 0.0, "high": 0.5},
-    "model.augment_flip": {"choices": [False, True]},
+    "augment.flip": {"choices": [False, True]},
     "train.learning_rate": {"low": 0.005, "high": 0.05, "log": True},
     "train.batch_size": {"choices": [32, 64]},
 }
@@ -29,7 +31,8 @@ SMALL_SPACE = {  # a few knobs of the real space, kept cheap
 def tuned(project):
     sh("dvc", "repro", "preprocess", cwd=project)
     # no pruning here: which trials a pruner stops on two-epoch trials is luck, not behaviour
-    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.pruner": "none"})
+    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None,
+                                          "tune.pruner": "none"})
     return project
 
 
@@ -52,18 +55,40 @@ def trial_runs(project):
 
 
 def test_study_tracks_trials_and_writes_the_winner(tuned):
-    out = tune(tuned, "--n-trials", "3")
+    out = tune(tuned, "--n-trials", "3")  # stdout is a pipe, as in a log file or CI
     study = load(tuned)
     assert len(finished(study.trials)) == 3
     assert "dvc exp run -S model.dropout=" in out.stdout
+    assert study.metric_names == ["val_accuracy"]  # not "Objective 0" in optuna-dashboard
+    # progress: one plain line per epoch of every trial, no bars or colour codes
+    for trial in study.trials:
+        for epoch in range(1, len(trial.intermediate_values) + 1):
+            assert re.search(rf"^trial {trial.number} epoch {epoch}/2: .*accuracy 0\.\d+ "
+                             r".*val_accuracy 0\.\d+", out.stdout, re.MULTILINE), out.stdout
+    assert "\x1b[" not in out.stdout and "\r" not in out.stdout
+    assert "ExperimentalWarning" not in out.stderr, out.stderr  # nothing a user can act on
 
     runs = trial_runs(tuned)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_name == "regularization"
+    settings = parent.data.params
+    assert settings["tune.epochs"] == "2" and settings["tune.sampler"] == "tpe"
+    assert settings["tune.pruner"] == "none" and settings["tune.train_limit"] == "10000"
+    assert json.loads(settings["tune.space"]) == SMALL_SPACE
+    best_trial = study.best_trial
+    assert parent.data.tags["best.train.batch_size"] == str(best_trial.params["train.batch_size"])
+    assert parent.data.metrics["best.model.dropout"] == pytest.approx(
+        best_trial.params["model.dropout"])
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best_trial.value)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(study.trials)
     client = mlflow.tracking.MlflowClient()
+    experiment = client.get_experiment_by_name("cifar10-alexnet-tune")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "Optuna" in experiment.tags["mlflow.note.content"]
     for trial in study.trials:
         (run,) = [r for r in children if r.data.tags["optuna.trial"] == str(trial.number)]
+        assert run.info.run_name == f"regularization-trial-{trial.number}"
         assert run.data.tags["optuna.state"] == trial.state.name
         dropout = float(run.data.params["model.dropout"])
         assert dropout == pytest.approx(trial.params["model.dropout"])
@@ -97,8 +122,12 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
 
 def test_rerun_continues_to_the_asked_number(tuned):
     tune(tuned, "--n-trials", "1")
-    tune(tuned, "--n-trials", "2")
+    tune(tuned, "--n-trials", "2", "--epochs", "1")  # another budget and epoch count
     assert len(finished(load(tuned).trials)) == 2
+    (parent,) = [r for r in trial_runs(tuned) if "mlflow.parentRunId" not in r.data.tags]
+    # the settings the study started with stay its params; the last invocation's are tags
+    assert parent.data.params["tune.epochs"] == "2"
+    assert parent.data.tags["tune.epochs"] == "1" and parent.data.tags["tune.n_trials"] == "2"
 
 
 def test_diverging_trial_fails_and_the_study_goes_on(tuned):
@@ -116,16 +145,36 @@ def test_diverging_trial_fails_and_the_study_goes_on(tuned):
     assert len(finished(trials)) == 3
 
 
-def test_two_workers_share_the_default_storage(tuned):
-    tune(tuned, "--n-trials", "1")  # create the study and the MLflow experiment first
-    command = [sys.executable, "src/tune.py", "--epochs", "1", "--n-trials", "4"]
-    workers = [subprocess.Popen(command, cwd=tuned, env=tool_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+def start_workers(project, count: int, *args: str) -> list[subprocess.Popen]:
+    """`count` tune.py workers started at the same instant, as a shell loop with `&` does."""
+    command = [sys.executable, "src/tune.py", "--epochs", "1", *args]
+    return [subprocess.Popen(command, cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for _ in range(count)]
+
+
+def wait_for_workers(workers: list[subprocess.Popen]) -> None:
+    """Every worker exits 0 without a traceback (a worker standing down is no failure)."""
     for worker in workers:
-        assert worker.wait(timeout=600) == 0, worker.stderr.read()[-2000:]
-    trials = load(tuned).trials
-    assert len(finished(trials)) == 4
-    assert len({t.number for t in trials}) == len(trials)
+        _, stderr = worker.communicate(timeout=900)
+        assert worker.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def assert_one_study(trials, runs, n_trials: int) -> None:
+    """Exactly the budget of complete trials, none failed, and one MLflow parent run."""
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == n_trials, states
+    assert TrialState.FAIL not in states and len(trials) == n_trials, states
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+               for r in runs if r is not parents[0])
+
+
+def test_three_workers_started_together_share_the_default_storage(tuned):
+    # nothing exists yet: no optuna.db, no mlflow.db; all three create them at the same instant
+    wait_for_workers(start_workers(tuned, 3, "--n-trials", "4"))
+    assert_one_study(load(tuned).trials, trial_runs(tuned), 4)
 
 
 def test_ctrl_c_leaves_the_study_consistent(tuned):

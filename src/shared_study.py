@@ -1,0 +1,170 @@
+"""An Optuna study shared by many workers: storage, creation, MLflow parent run, the trial loop.
+
+Workers may start at the same instant on an empty database. Creating the tables and the study,
+finding or creating the study's MLflow parent run, and checking the budget before taking a trial
+run under one lock of the storage's database (dblock.py), so the workers make one schema, one
+study and one parent run, and never start more trials than the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable
+
+import mlflow
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import TrialState
+
+import cli
+import tracking
+from dblock import DatabaseLock
+from search_space import Tune
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the trial budget counts
+MAX_FAILURES_IN_A_ROW = 5
+
+# Experimental in Optuna for years and still the supported way to do these; a user cannot act on
+# the warning. Only these exact features are silenced, every other warning stays.
+for _feature in ("RetryHeartbeatStaleTrialCallback", "fail_stale_trials", "set_metric_names"):
+    warnings.filterwarnings("ignore", message=rf"(\S+\.)?{_feature} is experimental",
+                            category=ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Argument ``heartbeat_interval`` is an experimental",
+                        category=ExperimentalWarning)
+
+
+def storage_url(tune: Tune) -> str:
+    return tune.storage or f"sqlite:///{tracking.project_root() / 'optuna.db'}"
+
+
+def study_lock(tune: Tune) -> DatabaseLock:
+    """What every worker of the study serializes its setup and its budget check on."""
+    return DatabaseLock(storage_url(tune), "optuna-study")
+
+
+def make_storage(tune: Tune) -> optuna.storages.RDBStorage:
+    url = storage_url(tune)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
+        "pool_pre_ping": True}
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retry)
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine, heartbeat_interval=tune.heartbeat_interval,
+        grace_period=tune.grace_period, heartbeat_stale_trial_callback=retry)
+
+
+def make_pruner(tune: Tune) -> optuna.pruners.BasePruner:
+    """No trial is pruned before `tune.min_epochs` epochs (epoch-1 accuracy is mostly noise)."""
+    if (tune.multi_objective  # Optuna prunes single objectives only
+            or tune.pruner == "none" or tune.min_epochs >= tune.epochs):
+        return optuna.pruners.NopPruner()
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=tune.min_epochs,
+                                              max_resource=tune.epochs)
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=tune.min_epochs)
+
+
+def metric_names(tune: Tune) -> list[str]:
+    return ["val_accuracy", "honest_gap"] if tune.multi_objective else ["val_accuracy"]
+
+
+def make_study(tune: Tune) -> optuna.Study:
+    """Create or load the study; tables and study are created by one worker at a time."""
+    # Unseeded: workers sharing a study would otherwise sample the same points.
+    directions = ["maximize", "minimize"] if tune.multi_objective else ["maximize"]
+    sampler = (optuna.samplers.TPESampler() if tune.sampler == "tpe"
+               else optuna.samplers.RandomSampler())
+    with study_lock(tune):
+        study = optuna.create_study(storage=make_storage(tune), study_name=tune.study_name,
+                                    sampler=sampler, pruner=make_pruner(tune),
+                                    directions=directions, load_if_exists=True)
+        if [d.name.lower() for d in study.directions] != directions:
+            raise cli.StageError(f"study {tune.study_name!r} exists with other objectives; "
+                                 "use --study-name for a new one")
+        if study.metric_names != metric_names(tune):  # shown by optuna-dashboard and plots
+            study.set_metric_names(metric_names(tune))
+        if tune.recipe and not study.get_trials(deepcopy=False):
+            # a new study starts from the hand recipe: the point every later trial must beat
+            study.enqueue_trial(tune.recipe, user_attrs={"recipe": True})
+    return study
+
+
+def parent_run_id(study: optuna.Study, tune: Tune, experiment: str) -> str:
+    """The study's one MLflow parent run in the current experiment, created by the first worker.
+
+    Under the study lock: workers started together find the run the first one made. The study's
+    settings are params, logged once: a later invocation with another budget or epoch count
+    shows in the `tune.*` tags instead (MLflow refuses to change a param).
+    """
+    client = mlflow.tracking.MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    name = study.study_name
+    with study_lock(tune):
+        known = study.user_attrs.get("mlflow_run_id")
+        found = client.search_runs([experiment_id], f"attributes.run_id = '{known}'") if known \
+            else []
+        if not found and "'" not in name:
+            found = [run for run in client.search_runs(
+                [experiment_id], f"tags.`optuna.study` = '{name}'", order_by=["start_time ASC"])
+                if "mlflow.parentRunId" not in run.data.tags]
+        if found:
+            run = found[0]
+        else:
+            run = client.create_run(experiment_id, run_name=name,
+                                    tags={"optuna.study": name, "optuna.role": "study"})
+        study.set_user_attr("mlflow_run_id", run.info.run_id)
+        settings = study_settings(tune)
+        new = {k: v for k, v in settings.items() if k not in run.data.params}
+        if new:
+            client.log_batch(run.info.run_id, params=[
+                mlflow.entities.Param(key, value) for key, value in new.items()])
+    return run.info.run_id
+
+
+def study_settings(tune: Tune) -> dict[str, str]:
+    """What defines the study's trials, as the parent run's params."""
+    return {"tune.sampler": tune.sampler, "tune.pruner": tune.pruner,
+            "tune.epochs": str(tune.epochs), "tune.train_limit": str(tune.train_limit),
+            "tune.min_epochs": str(tune.min_epochs),
+            "tune.objectives": ",".join(metric_names(tune)),
+            "tune.space": json.dumps({key: spec.model_dump(exclude_defaults=True)
+                                      for key, spec in tune.space.items()})}
+
+
+def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
+              tune: Tune) -> None:
+    """Run trials until the study has `n_trials` finished ones (or the timeout passes).
+
+    Finished means complete or pruned: a pruned trial got its verdict. Failed trials do not
+    count; a dead worker's trial is retried. A worker checks the budget and takes its trial
+    under the study lock, so workers racing for the last places never start one too many: a
+    worker that finds the budget taken stands down without leaving a trial behind.
+    """
+    deadline = time.monotonic() + tune.timeout if tune.timeout else None
+    lock = study_lock(tune)
+
+    def started(trial: optuna.Trial):  # the trial is RUNNING in the storage: others count it
+        lock.release()
+        return objective(trial)
+
+    failures = 0
+    while True:
+        finished: list[TrialState] = []
+        with lock:
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
+            if len(study.get_trials(deepcopy=False, states=FINISHED)) >= tune.n_trials:
+                return
+            # not WAITING: a retry or enqueued point needs a worker
+            taken = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            if len(taken) >= tune.n_trials:
+                return  # the remaining trials are running in other workers
+            if deadline and time.monotonic() > deadline:
+                return
+            study.optimize(started, n_trials=1, catch=(Exception,),
+                           callbacks=[lambda _, trial, done=finished: done.append(trial.state)])
+        failures = failures + 1 if finished == [TrialState.FAIL] else 0
+        if failures >= MAX_FAILURES_IN_A_ROW:
+            raise cli.StageError(f"{failures} trials in a row failed; see the log above")
+
+
