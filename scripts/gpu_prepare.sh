@@ -21,12 +21,14 @@ packages=(keras namex optree pydantic pydantic-core annotated-types typing-inspe
           uvicorn gitpython gitdb smmap importlib-metadata opentelemetry-api
           opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions
           python-dotenv sqlparse)
+python=python3
+[ -x .venv/bin/python ] && python=.venv/bin/python
 pins=()
 for name in "${packages[@]}"; do
-  version=$(python3 -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
+  version=$("$python" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p' || true)
   pins+=("$name${version:+==$version}")
 done
-python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+"$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl "${pins[@]}"
 du -sh .whl .gpu
