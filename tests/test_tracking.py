@@ -34,8 +34,6 @@ def test_runs_are_named_after_the_experiment_or_the_commit_and_params(project):
     assert "dvc repro" in experiment.tags["mlflow.note.content"]
 
 
-@pytest.mark.xfail(strict=True, reason="MLflow's log_model predicts on the input example with "
-                   "Keras' default progress bar (train.log_model)")
 def test_train_stage_log_has_no_terminal_codes(project):
     out = sh("dvc", "repro", "train", cwd=project).stdout  # a pipe, as a log file or CI
     assert "Epoch 2/2" in out
