@@ -70,7 +70,7 @@ def test_jax_pipeline_runs_without_tensorflow(project, no_tensorflow):
 
 @pytest.mark.slow
 def test_jax_resume_after_a_kill_equals_an_uninterrupted_run(project, tmp_path_factory):
-    from test_reliability import start, wait_for_epoch
+    from test_reliability import assert_same_as_uninterrupted, start, wait_for_epoch
 
     update_yaml(project / "params.yaml", {"train.backend": "jax", "train.epochs": 3,
                                           "augment.flip": True, "augment.crop": 4})
@@ -83,16 +83,7 @@ def test_jax_resume_after_a_kill_equals_an_uninterrupted_run(project, tmp_path_f
     done = json.loads((project / "checkpoints/train/state.json").read_text())["epochs_done"]
     assert 1 <= done < 3
     assert f"resuming after epoch {done}" in sh("dvc", "repro", cwd=project).stdout
-
-    other = tmp_path_factory.mktemp("uninterrupted")
-    sh("cp", "-a", f"{project}/.", str(other), cwd=project)
-    for path in ("mlflow.db", "mlruns", "reports", "models", "checkpoints"):
-        sh("rm", "-rf", str(other / path), cwd=other)
-    sh("dvc", "repro", "-f", "train", "evaluate", cwd=other)
-    pd.testing.assert_frame_equal(pd.read_csv(project / "reports/history.csv"),
-                                  pd.read_csv(other / "reports/history.csv"))
-    assert json.loads((project / "reports/metrics.json").read_text()) == \
-        json.loads((other / "reports/metrics.json").read_text())
+    assert_same_as_uninterrupted(project, tmp_path_factory.mktemp("uninterrupted"))
 
 
 @pytest.mark.parametrize(("params_backend", "environment"), [

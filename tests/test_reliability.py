@@ -47,6 +47,18 @@ def wait_for_epoch(project, epoch, process, timeout=300):
     raise AssertionError("no checkpoint in time")
 
 
+def assert_same_as_uninterrupted(project, other):
+    """Train the project's config again in `other`, uninterrupted: the same figures, exactly."""
+    sh("cp", "-a", f"{project}/.", str(other), cwd=project)
+    for path in ("mlflow.db", "mlruns", "reports", "models", "checkpoints"):
+        sh("rm", "-rf", str(other / path), cwd=other)
+    sh("dvc", "repro", "-f", "train", "evaluate", cwd=other)
+    pd.testing.assert_frame_equal(pd.read_csv(project / "reports/history.csv"),
+                                  pd.read_csv(other / "reports/history.csv"))
+    assert json.loads((project / "reports/metrics.json").read_text()) == \
+        json.loads((other / "reports/metrics.json").read_text())
+
+
 def test_sigkill_then_repro_resumes_the_same_run_exactly(project, tmp_path_factory):
     update_yaml(project / "params.yaml", {"train.epochs": 4, "train.deterministic": True})
     sh("git", "commit", "-qam", "4 deterministic epochs", cwd=project)
@@ -70,15 +82,7 @@ def test_sigkill_then_repro_resumes_the_same_run_exactly(project, tmp_path_facto
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4]
 
     # an uninterrupted run of the same config ends with exactly the same figures
-    other = tmp_path_factory.mktemp("uninterrupted")
-    sh("cp", "-a", f"{project}/.", str(other), cwd=project)
-    for path in ("mlflow.db", "mlruns", "reports", "models", "checkpoints"):
-        sh("rm", "-rf", str(other / path), cwd=other)
-    sh("dvc", "repro", "-f", "train", "evaluate", cwd=other)
-    pd.testing.assert_frame_equal(pd.read_csv(project / "reports/history.csv"),
-                                  pd.read_csv(other / "reports/history.csv"))
-    assert json.loads((project / "reports/metrics.json").read_text()) == \
-        json.loads((other / "reports/metrics.json").read_text())
+    assert_same_as_uninterrupted(project, tmp_path_factory.mktemp("uninterrupted"))
 
 
 def test_sigterm_marks_the_run_killed(project):
