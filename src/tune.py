@@ -5,10 +5,12 @@
     python src/tune.py --storage postgresql://host/db   # many workers, one study
     python src/tune.py --apply                  # also write the best point into params.yaml
 
-Needs the preprocessed data (`dvc repro preprocess`). Each trial trains `tune.epochs` epochs on the
-first `tune.train_limit` training images and scores validation accuracy; the honest gap (train
-accuracy in inference mode minus validation accuracy) is recorded for every trial and is the
-second objective with `--multi-objective`. Rerunning the same command continues the study up to
+Needs the preprocessed data (`dvc repro preprocess`). A new study's first trial is the hand recipe
+(`tune.recipe`). Each trial trains `tune.epochs` epochs (its own full schedule) on the first
+`tune.train_limit` training images and maximizes validation accuracy subject to the honest gap
+(train accuracy in inference mode, on as many training images as validate, minus validation
+accuracy) staying within `tune.max_gap`, an Optuna constraint; the gap is the second objective
+with `--multi-objective`. Rerunning the same command continues the study up to
 `--n-trials` finished (complete or pruned) trials; several processes may run it at once on the same
 storage, also started at the same instant on an empty database (see shared_study.py).
 Progress: Keras' bars on a terminal, otherwise one line per epoch of every trial.
@@ -119,13 +121,13 @@ class Objective:
 def tune(args: argparse.Namespace) -> dict:
     params = load_params()
     raw = read_yaml("params.yaml")
-    overrides = {key: value for key, value in {
+    settings = {key: value for key, value in {
         "n_trials": args.n_trials, "timeout": args.timeout, "epochs": args.epochs,
         "train_limit": args.train_limit, "study_name": args.study_name,
         "storage": args.storage, "pruner": args.pruner,
         "multi_objective": args.multi_objective or None,
     }.items() if value is not None}
-    tune_settings = parse_tune(raw, overrides)
+    tune_settings = parse_tune(raw, settings)
     processed = Path(params.paths.processed)
     if not (processed / "train.npz").is_file():
         raise cli.StageError(f"{processed}/train.npz is missing: run `dvc repro preprocess`")
@@ -146,7 +148,7 @@ def tune(args: argparse.Namespace) -> dict:
         run_study(study, objective, tune_settings)
         best = study_report.report(study, tune_settings)
     if best is None:
-        print("tune: no complete trial yet")
+        print("tune: no winner yet: no complete trial meets the constraints")
         return {}
     atomic.write_text(params.paths.best_params, study_report.yaml_text(as_nested(best)))
     print(f"tune: best params written to {params.paths.best_params}")
