@@ -8,6 +8,7 @@ import signal
 import subprocess
 import textwrap
 
+import keras
 import mlflow
 import numpy as np
 import pandas as pd
@@ -60,6 +61,9 @@ def test_jax_pipeline_runs_without_tensorflow(project, no_tensorflow):
     (run,) = runs_of(project)
     assert run.data.params["train.backend"] == "jax"
     assert run.data.tags["keras.backend"].startswith("jax ")
+    # MLflow's Keras 3 flavor names the Keras that trained it, and its backend
+    flavor = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").flavors["keras"]
+    assert (flavor["keras_version"], flavor["keras_backend"]) == (keras.__version__, "jax")
     # trained on JAX, loaded here on TensorFlow: predicts on raw uint8 images
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = load_split(project / "data/processed", "test").images[:4]
