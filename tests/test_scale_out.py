@@ -94,7 +94,8 @@ def database(database_name):
 @pytest.fixture
 def tuned(project):
     sh("dvc", "repro", "preprocess", cwd=project)
-    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None})
+    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None,
+                                          "tune.max_gap": None})
     return project
 
 

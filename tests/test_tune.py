@@ -30,9 +30,11 @@ SMALL_SPACE = {  # a few knobs of the real space, kept cheap
 @pytest.fixture
 def tuned(project):
     sh("dvc", "repro", "preprocess", cwd=project)
-    # no pruning here: which trials a pruner stops on two-epoch trials is luck, not behaviour
+    # no pruning here: which trials a pruner stops on two-epoch trials is luck, not behaviour;
+    # no gap limit: a tiny model's gap says nothing (tests/test_tune_goal.py tests the limit)
     update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None,
-                                          "tune.pruner": "none"})
+                                          "tune.pruner": "none", "tune.max_gap": None,
+                                          "tune.lr_reference_batch": None})
     return project
 
 
@@ -73,7 +75,8 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
     assert parent.info.run_name == "regularization"
     settings = parent.data.params
     assert settings["tune.epochs"] == "2" and settings["tune.sampler"] == "tpe"
-    assert settings["tune.pruner"] == "none" and settings["tune.train_limit"] == "10000"
+    limit = read_yaml(tuned / "params.yaml")["tune"]["train_limit"]
+    assert settings["tune.pruner"] == "none" and settings["tune.train_limit"] == str(limit)
     assert json.loads(settings["tune.space"]) == SMALL_SPACE
     best_trial = study.best_trial
     assert parent.data.tags["best.train.batch_size"] == str(best_trial.params["train.batch_size"])
@@ -104,7 +107,7 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
 
     # the best-params file has exactly params.yaml keys and validates as params
     best_file = read_yaml(tuned / "reports/best_params.yaml")
-    assert set(best_file) == {"model", "train"}
+    assert set(best_file) == {"model", "augment", "train"}
     point = {f"{s}.{k}": v for s, body in best_file.items() for k, v in body.items()}
     assert point.keys() == SMALL_SPACE.keys()
     parse_params(with_overrides(read_yaml(tuned / "params.yaml"), point))
