@@ -30,11 +30,11 @@ import pandas as pd  # noqa: E402
 import atomic  # noqa: E402
 import cli  # noqa: E402
 from cifar import Split  # noqa: E402
-from evaluate import measure  # noqa: E402
 from params import parse_params, read_yaml, with_overrides  # noqa: E402
 from preprocess import load_split  # noqa: E402
 from search_space import parse_tune  # noqa: E402
 from train import fit  # noqa: E402
+from tune import final_scores  # noqa: E402
 
 
 def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) -> dict:
@@ -44,9 +44,7 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
     if limit:
         train = Split(train.images[:limit], train.labels[:limit])
     result = fit(params, train, val)
-    seen = Split(train.images[:len(val)], train.labels[:len(val)])
-    val_accuracy = result.history[-1]["val_accuracy"]
-    gap = measure(result.model, seen, params.evaluate.batch_size)[1] - val_accuracy
+    val_accuracy, gap = final_scores(result, train, val, params.evaluate.batch_size)
     keras.backend.clear_session()
     return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap}
 

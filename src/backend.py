@@ -113,7 +113,8 @@ def hide_tensorflow() -> None:
 
 
 if "keras" not in sys.modules:
-    if select() == "tensorflow":
+    chosen = select()
+    if chosen == "tensorflow":
         load_tensorflow_quietly()
-    elif requested() == "jax":
+    elif chosen == "jax":
         hide_tensorflow()

@@ -69,6 +69,18 @@ class Pruning(keras.callbacks.Callback):
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
 
+def final_scores(result, train_split: Split, val_split: Split, batch_size: int
+                 ) -> tuple[float, float]:
+    """(validation accuracy, honest gap) of a trained model at the end of its run.
+
+    The saved model is the last epoch's, whose validation the history holds; the gap compares it,
+    in inference mode, with as many training images as validate.
+    """
+    val_accuracy = result.history[-1]["val_accuracy"]
+    seen = Split(train_split.images[:len(val_split)], train_split.labels[:len(val_split)])
+    return val_accuracy, measure(result.model, seen, batch_size)[1] - val_accuracy
+
+
 class Objective:
     def __init__(self, raw: dict, tune: Tune, train_split: Split, val_split: Split):
         self.raw, self.tune = raw, tune
@@ -100,12 +112,8 @@ class Objective:
                 raise
             finally:
                 keras.backend.clear_session()
-            # the saved model is the last epoch's, whose validation the history holds; the gap
-            # compares it, in inference mode, with as many training images as validate
-            val_accuracy = result.history[-1]["val_accuracy"]
-            seen = Split(self.train_split.images[:len(self.val_split)],
-                         self.train_split.labels[:len(self.val_split)])
-            gap = measure(result.model, seen, params.evaluate.batch_size)[1] - val_accuracy
+            val_accuracy, gap = final_scores(result, self.train_split, self.val_split,
+                                             params.evaluate.batch_size)
             scores = {"val_accuracy_final": val_accuracy, "honest_gap": gap,
                       "epochs_trained": len(result.history)}
             if self.tune.max_gap is not None:  # feasible when <= 0; Optuna's best is feasible
