@@ -6,7 +6,9 @@
 Needs the preprocessed data (`dvc repro preprocess`). Every configuration in CONFIGS.yaml (name:
 {overrides: {params key: value}, test_accuracy, honest_gap}, the last two from its 50-epoch run)
 trains as one of `tune.py`'s trials would: `tune.epochs` epochs on the first `tune.train_limit`
-training images, its own full schedule. The script prints each one's validation accuracy and honest
+training images, its own full schedule; a configuration whose `preset` entry (val_accuracy,
+honest_gap, epochs, train_limit, source) was measured under the same preset, as a study's trial
+of it is, is not trained again. The script prints each one's validation accuracy and honest
 gap under the preset beside its 50-epoch figures, and the Spearman rank correlations of preset
 validation accuracy with 50-epoch test accuracy and of the two gaps. It asserts nothing.
 """
@@ -49,6 +51,15 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
     return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap}
 
 
+def measured_scores(config: dict, epochs: int, limit: int | None) -> dict | None:
+    """A configuration's `preset` figures (a study trial's), if measured under this preset."""
+    preset = config.get("preset")
+    if not preset or (preset["epochs"], preset["train_limit"]) != (epochs, limit):
+        return None
+    return {"preset_val_accuracy": preset["val_accuracy"],
+            "preset_honest_gap": preset["honest_gap"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="?", default=str(ROOT / "docs/fidelity/configs.yaml"))
@@ -64,8 +75,12 @@ def main() -> None:
     for name, config in read_yaml(args.configs).items():
         if args.only and name not in args.only:
             continue
-        print(f"fidelity: {name}: {epochs} epochs on {limit or 'all'} images", flush=True)
-        scores = preset_scores(raw, config["overrides"], epochs, limit)
+        scores = measured_scores(config, epochs, limit)
+        if scores is None:
+            print(f"fidelity: {name}: {epochs} epochs on {limit or 'all'} images", flush=True)
+            scores = preset_scores(raw, config["overrides"], epochs, limit)
+        else:
+            print(f"fidelity: {name}: preset figures from {config['preset']['source']}")
         rows.append({"name": name, **scores, "test_accuracy_50": config["test_accuracy"],
                      "honest_gap_50": config["honest_gap"]})
     table = pd.DataFrame(rows).set_index("name")

@@ -65,11 +65,21 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
                        "honest_gap: 0.1}\n"
                        "c: {overrides: {model.dropout: 0.3}, test_accuracy: 0.75, "
                        "honest_gap: 0.15}\n"
-                       "d: {overrides: {}, test_accuracy: null, honest_gap: null}\n")
+                       "d: {overrides: {}, test_accuracy: null, honest_gap: null}\n"
+                       "e: {overrides: {}, test_accuracy: 0.9, honest_gap: 0.05, preset: "
+                       "{val_accuracy: 0.123, honest_gap: 0.045, epochs: 1, train_limit: 120, "
+                       "source: a trial}}\n"
+                       "f: {overrides: {}, test_accuracy: 0.6, honest_gap: 0.3, preset: "
+                       "{val_accuracy: 0.123, honest_gap: 0.045, epochs: 2, train_limit: 120, "
+                       "source: a longer trial}}\n")
     out = project / "fidelity.json"
     result = sh(sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), str(configs),
                 "--epochs", "1", "--train-limit", "120", "--json", str(out), cwd=project)
-    assert "Spearman rank correlation over 3 configurations" in result.stdout
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["name"] for row in rows] == ["a", "b", "c", "d"]
-    assert all(0 <= row["preset_val_accuracy"] <= 1 for row in rows)
+    assert "Spearman rank correlation over 5 configurations" in result.stdout
+    assert "fidelity: e: preset figures from a trial" in result.stdout
+    assert "fidelity: f: 1 epochs on 120 images" in result.stdout  # measured under another preset
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["a", "b", "c", "d", "e", "f"]
+    assert all(0 <= row["preset_val_accuracy"] <= 1 for row in rows.values())
+    assert (rows["e"]["preset_val_accuracy"], rows["e"]["preset_honest_gap"]) == (0.123, 0.045)
+    assert rows["f"]["preset_val_accuracy"] != 0.123
