@@ -13,9 +13,9 @@ mkdir -p .gpu/tools .gpu/data .whl
 cp "$shared/tools/cifar10_jpg_to_binary.py" .gpu/tools/
 cp "$shared/data/cifar10-jpg.tar.gz" .gpu/data/
 
-# Keras, the params schema and MLflow's client with its sqlite store; versions as in this .venv
+# Keras, Optuna, the params schema and MLflow's client with its sqlite store; versions as in this .venv
 # where it has them, so the GPU run uses what the tests ran.
-packages=(keras namex optree pydantic pydantic-core annotated-types typing-inspection
+packages=(keras namex optuna colorlog optree pydantic pydantic-core annotated-types typing-inspection
           ruamel.yaml mlflow-skinny mlflow-tracing sqlalchemy alembic mako greenlet
           cachetools databricks-sdk google-auth pyasn1 pyasn1-modules rsa fastapi starlette
           uvicorn gitpython gitdb smmap importlib-metadata opentelemetry-api
