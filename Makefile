@@ -17,10 +17,10 @@ repro: setup
 	. $(BIN)/activate && dvc repro
 
 test: setup
-	. $(BIN)/activate && python -m pytest
+	. $(BIN)/activate && python -m pytest -n auto
 
 test-fast: setup
-	. $(BIN)/activate && python -m pytest -m "not slow"
+	. $(BIN)/activate && python -m pytest -n auto -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
