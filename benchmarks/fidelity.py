@@ -54,7 +54,7 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
 
 
 def measured_scores(config: dict, epochs: int, limit: int | None) -> dict | None:
-    """A configuration's `preset` figures (a study trial's), if measured under this preset."""
+    """A configuration's `preset` figures, if they were measured under this preset."""
     preset = config.get("preset")
     if not preset or (preset["epochs"], preset["train_limit"]) != (epochs, limit):
         return None

@@ -13,13 +13,7 @@ cd "$(dirname "$0")/.."
 epochs=${EPOCHS:-50}
 images=${IMAGES:-40000}
 source scripts/gpu_setup.sh "train.epochs=$epochs" "data.train_limit=${TRAIN_LIMIT:-}"
-{
-  for stage in fetch preprocess train evaluate; do
-    start=$(date +%s.%N)
-    python3 "src/$stage.py"
-    echo "$stage: $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall"
-  done
-} 2>&1 | tee "$out/pipeline.log"
+run_stages fetch preprocess train evaluate 2>&1 | tee "$out/pipeline.log"
 cp reports/metrics.json reports/history.csv "$out"/
 
 bench=(python3 benchmarks/bench_train.py --archive "$archive" --images "$images" --epochs 3

@@ -6,7 +6,7 @@
 #      not fit the 64 MiB a call carries, so the callers run the stage scripts themselves) whose
 #      params.yaml reads that archive on the jax backend, with any "key=value" arguments as
 #      `dvc exp run -S` would set them (values parsed as YAML; empty means null)
-# Sets: root (the repository), out ($OUT or a temporary folder), work, archive.
+# Sets: root (the repository), out ($OUT or a temporary folder), work, archive; defines run_stages.
 root=$PWD
 out=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -32,3 +32,13 @@ pairs = (arg.partition("=") for arg in sys.argv[1:])
 update_yaml("params.yaml", {key: yaml.safe_load(value) if value else None
                             for key, _, value in pairs})
 PY
+
+# run_stages STAGE...: the stage scripts in order, each one's wall time after its output
+run_stages() {
+  local stage start
+  for stage in "$@"; do
+    start=$(date +%s.%N)
+    python3 "src/$stage.py"
+    echo "$stage: $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall"
+  done
+}

@@ -18,13 +18,7 @@ python3 src/tune.py --n-trials "${N_TRIALS:-50}" --timeout "${STUDY_SECONDS:-240
   --study-name gpu-full-length 2>&1 | tee "$out/study.log"
 cp reports/best_params.yaml "$out"/
 find mlruns -path '*/artifacts/study/trials.csv' -exec cp {} "$out"/ \;
-{
-  for stage in train evaluate; do
-    start=$(date +%s.%N)
-    python3 "src/$stage.py"
-    echo "$stage: $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s wall"
-  done
-} 2>&1 | tee "$out/winner.log"
+run_stages train evaluate 2>&1 | tee "$out/winner.log"
 cp reports/metrics.json reports/history.csv "$out"/
 cd "$root"
 echo "gpu_study: results in $out"
