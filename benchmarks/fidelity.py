@@ -6,9 +6,9 @@
 Needs the preprocessed data (`dvc repro preprocess`). Every configuration in CONFIGS.yaml (name:
 {overrides: {params key: value}, test_accuracy, honest_gap}, the last two from its 50-epoch run)
 trains as one of `tune.py`'s trials would: `tune.epochs` epochs on the first `tune.train_limit`
-training images, its own full schedule; a configuration whose `preset` entry (val_accuracy,
-honest_gap, epochs, train_limit, source) was measured under the same preset, as a study's trial
-of it is, is not trained again. The overrides apply to params.yaml as it is in the working
+training images, its own full schedule; a configuration with an entry in its `presets` list
+(val_accuracy, honest_gap, epochs, train_limit, source) measured under the same preset, as a
+study's trial of it is, is not trained again. The overrides apply to params.yaml as it is in the working
 directory: run it where params.yaml holds the defaults, not after `dvc exp run` has applied an
 experiment to the workspace. The script prints each one's validation accuracy and honest
 gap under the preset beside its 50-epoch figures, and the Spearman rank correlations of preset
@@ -53,13 +53,12 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
     return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap}
 
 
-def measured_scores(config: dict, epochs: int, limit: int | None) -> dict | None:
-    """A configuration's `preset` figures, if they were measured under this preset."""
-    preset = config.get("preset")
-    if not preset or (preset["epochs"], preset["train_limit"]) != (epochs, limit):
-        return None
-    return {"preset_val_accuracy": preset["val_accuracy"],
-            "preset_honest_gap": preset["honest_gap"]}
+def measured_preset(config: dict, epochs: int, limit: int | None) -> dict | None:
+    """The entry of a configuration's `presets` measured under this preset, if any."""
+    for preset in config.get("presets") or []:
+        if (preset["epochs"], preset["train_limit"]) == (epochs, limit):
+            return preset
+    return None
 
 
 def main() -> None:
@@ -77,12 +76,14 @@ def main() -> None:
     for name, config in read_yaml(args.configs).items():
         if args.only and name not in args.only:
             continue
-        scores = measured_scores(config, epochs, limit)
-        if scores is None:
+        preset = measured_preset(config, epochs, limit)
+        if preset is None:
             print(f"fidelity: {name}: {epochs} epochs on {limit or 'all'} images", flush=True)
             scores = preset_scores(raw, config["overrides"], epochs, limit)
         else:
-            print(f"fidelity: {name}: preset figures from {config['preset']['source']}")
+            print(f"fidelity: {name}: preset figures from {preset['source']}")
+            scores = {"preset_val_accuracy": preset["val_accuracy"],
+                      "preset_honest_gap": preset["honest_gap"]}
         rows.append({"name": name, **scores, "test_accuracy_50": config["test_accuracy"],
                      "honest_gap_50": config["honest_gap"]})
     table = pd.DataFrame(rows).set_index("name")

@@ -66,12 +66,14 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
                        "c: {overrides: {model.dropout: 0.3}, test_accuracy: 0.75, "
                        "honest_gap: 0.15}\n"
                        "d: {overrides: {}, test_accuracy: null, honest_gap: null}\n"
-                       "e: {overrides: {}, test_accuracy: 0.9, honest_gap: 0.05, preset: "
+                       "e: {overrides: {}, test_accuracy: 0.9, honest_gap: 0.05, presets: ["
+                       "{val_accuracy: 0.5, honest_gap: 0.1, epochs: 2, train_limit: 120, "
+                       "source: a longer trial}, "
                        "{val_accuracy: 0.123, honest_gap: 0.045, epochs: 1, train_limit: 120, "
-                       "source: a trial}}\n"
-                       "f: {overrides: {}, test_accuracy: 0.6, honest_gap: 0.3, preset: "
+                       "source: a trial}]}\n"
+                       "f: {overrides: {}, test_accuracy: 0.6, honest_gap: 0.3, presets: ["
                        "{val_accuracy: 0.123, honest_gap: 0.045, epochs: 2, train_limit: 120, "
-                       "source: a longer trial}}\n")
+                       "source: a longer trial}]}\n")
     out = project / "fidelity.json"
     result = sh(sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), str(configs),
                 "--epochs", "1", "--train-limit", "120", "--json", str(out), cwd=project)
