@@ -8,9 +8,9 @@ Needs the preprocessed data (`dvc repro preprocess`). Every configuration in CON
 trains as one of `tune.py`'s trials would: `tune.epochs` epochs on the first `tune.train_limit`
 training images, its own full schedule; a configuration with an entry in its `presets` list
 (val_accuracy, honest_gap, epochs, train_limit, source) measured under the same preset, as a
-study's trial of it is, is not trained again. The overrides apply to params.yaml as it is in the working
-directory: run it where params.yaml holds the defaults, not after `dvc exp run` has applied an
-experiment to the workspace. The script prints each one's validation accuracy and honest
+study's trial of it is, is not trained again. The overrides apply to params.yaml as it is in the
+working directory: run it where params.yaml holds the defaults, not after `dvc exp run` has
+applied an experiment to the workspace. The script prints each one's validation accuracy and honest
 gap under the preset beside its 50-epoch figures, and the Spearman rank correlations of preset
 validation accuracy with 50-epoch test accuracy and of the two gaps. It asserts nothing.
 """

@@ -59,6 +59,8 @@ class Tune(_Strict):
     lr_reference_batch: Annotated[int, Field(gt=0)] | None
     space: dict[str, Range | Choice]
     recipe: dict[str, Value] | None  # the first trial of a new study (None: none enqueued)
+    # the next trials of a new study: the recipe, each with these changes
+    variants: list[Annotated[dict[str, Value], Field(min_length=1)]]
 
     @model_validator(mode="after")
     def _keys_exist(self) -> Tune:
@@ -68,18 +70,33 @@ class Tune(_Strict):
                 raise ValueError(f"space key {key!r} is not a model.*, augment.* or train.* "
                                  "param")
         if self.recipe is None:
+            if self.variants:
+                raise ValueError("variants change the recipe: they need a recipe")
             return self
         missing = set(self.recipe) ^ set(self.space)
         if missing:
             raise ValueError(f"recipe and space must name the same keys; differ in "
                              f"{sorted(missing)}")
-        for key, value in self.recipe.items():
-            spec = self.space[key]
+        self._inside("recipe", self.recipe)
+        for number, variant in enumerate(self.variants):
+            self._inside(f"variant {number}", variant)
+        return self
+
+    def _inside(self, what: str, point: dict[str, Value]) -> None:
+        for key, value in point.items():
+            spec = self.space.get(key)
+            if spec is None:
+                raise ValueError(f"{what}: {key!r} is not a key of the space")
             inside = (value in spec.choices if isinstance(spec, Choice)
                       else spec.low <= value <= spec.high)
             if not inside:
-                raise ValueError(f"recipe value {key}: {value!r} is outside the space")
-        return self
+                raise ValueError(f"{what} value {key}: {value!r} is outside the space")
+
+    def starting_points(self) -> list[dict[str, Value]]:
+        """What a new study runs first, in order: the recipe, then each variant of it."""
+        if self.recipe is None:
+            return []
+        return [self.recipe, *({**self.recipe, **variant} for variant in self.variants)]
 
 
 def parse_tune(raw: dict, overrides: dict[str, Any] | None = None) -> Tune:

@@ -84,9 +84,12 @@ def make_study(tune: Tune) -> optuna.Study:
                                  "use --study-name for a new one")
         if study.metric_names != metric_names(tune):  # shown by optuna-dashboard and plots
             study.set_metric_names(metric_names(tune))
-        if tune.recipe and not study.get_trials(deepcopy=False):
-            # a new study starts from the hand recipe: the point every later trial must beat
-            study.enqueue_trial(tune.recipe, user_attrs={"recipe": True})
+        if not study.get_trials(deepcopy=False):
+            # a new study starts from the hand recipe, the point every later trial must beat,
+            # and the recipe with each standard regularizer added
+            for number, point in enumerate(tune.starting_points()):
+                study.enqueue_trial(point, user_attrs={"recipe_variant": number} if number
+                                    else {"recipe": True})
     return study
 
 

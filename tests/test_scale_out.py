@@ -95,6 +95,7 @@ def database(database_name):
 def tuned(project):
     sh("dvc", "repro", "preprocess", cwd=project)
     update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None,
+                                          "tune.variants": [],
                                           "tune.max_gap": None})
     return project
 

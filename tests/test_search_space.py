@@ -13,7 +13,7 @@ from shared_study import make_study
 from tune import Pruning
 
 # the real params without the recipe, so that a changed space is judged alone
-RAW = with_overrides(read_yaml(ROOT / "params.yaml"), {"tune.recipe": None})
+RAW = with_overrides(read_yaml(ROOT / "params.yaml"), {"tune.recipe": None, "tune.variants": []})
 
 
 def test_every_space_key_is_a_param_and_every_sample_validates():

@@ -33,6 +33,7 @@ def tuned(project):
     # no pruning here: which trials a pruner stops on two-epoch trials is luck, not behaviour;
     # no gap limit: a tiny model's gap says nothing (tests/test_tune_goal.py tests the limit)
     update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None,
+                                          "tune.variants": [],
                                           "tune.pruner": "none", "tune.max_gap": None,
                                           "tune.lr_reference_batch": None})
     return project

@@ -30,6 +30,31 @@ def test_a_recipe_outside_the_space_is_one_line():
         parse_tune(raw)
 
 
+def test_the_variants_follow_the_recipe_with_one_change_each():
+    tune = parse_tune(REAL)
+    points = tune.starting_points()
+    assert points[0] == tune.recipe and len(points) == 1 + len(tune.variants) > 1
+    for point, variant in zip(points[1:], tune.variants, strict=True):
+        assert point == {**tune.recipe, **variant} and point != tune.recipe
+
+
+@pytest.mark.parametrize("variants, message", [
+    ([{"augment.cutout": 5}], "variant 0 value augment.cutout: 5 is outside the space"),
+    ([{"augment.cutmix": 1.0}, {"model.l2": 0.1}], "variant 1: 'model.l2' is not a key of the"),
+    ([{}], "tune.variants.0: Dictionary should have at least 1 item"),
+])
+def test_a_variant_outside_the_space_is_one_line(variants, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_tune(with_overrides(REAL, {"tune.variants": variants}))
+
+
+def test_variants_without_a_recipe_are_one_line():
+    with pytest.raises(ParamsError, match="variants change the recipe: they need a recipe"):
+        parse_tune(with_overrides(REAL, {"tune.recipe": None}))
+    assert parse_tune(with_overrides(REAL, {"tune.recipe": None, "tune.variants": []})
+                      ).starting_points() == []
+
+
 def test_learning_rate_scales_with_the_batch():
     tune = parse_tune(REAL)  # lr_reference_batch 128
     point = {"train.learning_rate": 0.05, "train.batch_size": 256}
@@ -67,12 +92,14 @@ SPACE = {"model.dropout": {"low": 0.0, "high": 0.5},
          "train.batch_size": {"choices": [32, 64]}}
 RECIPE = {"model.dropout": 0.25, "augment.crop": 4, "train.learning_rate": 0.02,
           "train.batch_size": 64}
+VARIANTS = [{"augment.crop": 0}]
 
 
 @pytest.mark.slow
-def test_the_recipe_runs_first_and_a_rerun_continues_to_exactly_n(project):
+def test_the_recipe_and_its_variants_run_first_and_a_rerun_continues_to_exactly_n(project):
     sh("dvc", "repro", "preprocess", cwd=project)
     update_yaml(project / "params.yaml", {"tune.space": SPACE, "tune.recipe": RECIPE,
+                                          "tune.variants": VARIANTS,
                                           "tune.pruner": "none", "tune.max_gap": 0.5,
                                           "tune.lr_reference_batch": 32})
 
@@ -87,7 +114,10 @@ def test_the_recipe_runs_first_and_a_rerun_continues_to_exactly_n(project):
     trials = sorted(study.trials, key=lambda t: t.number)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert trials[0].params == RECIPE and trials[0].user_attrs["recipe"] is True
+    assert trials[1].params == {**RECIPE, "augment.crop": 0}
+    assert trials[1].user_attrs["recipe_variant"] == 1
     assert not any(t.user_attrs.get("recipe") for t in trials[1:])
+    assert "recipe_variant" not in trials[2].user_attrs  # sampled
     for trial in trials:  # the gap is a constraint: max_gap 0.5
         gap = trial.user_attrs["honest_gap"]
         assert trial.constraints == {"honest_gap": pytest.approx(gap - 0.5)}
