@@ -4,7 +4,7 @@
 # STUDY_SECONDS, then the winner written into params.yaml (`tune.py --apply`) and trained and
 # evaluated through the stage scripts: its test accuracy and honest gap.
 # WORKERS (4) tune.py processes share the study (its SQLite storage, as workers on one machine
-# do) and the GPU: one trial of this small model leaves most of the GPU idle. Each JAX process
+# do) and the GPU, which is large for one trial of this small model. Each JAX process
 # gets an equal share of the GPU's memory instead of the 75% it takes by default.
 # Results go to $OUT (or a temporary folder): study-N.log (worker N), trials.csv,
 # best_params.yaml, winner.log, metrics.json, history.csv.
