@@ -135,29 +135,67 @@ def run_name() -> str | None:
     return name[:200]
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated(f"signal {signum}")
+RESIGNAL_SECONDS = 0.05
+DATABASE_CODE = ("mlflow.", "sqlalchemy.")  # modules whose frames may be inside a store write
+
+
+def _in_database_code(frame) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(DATABASE_CODE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum, frame):
+    """SIGTERM raises `Terminated`, SIGINT `KeyboardInterrupt`, outside database code only.
+
+    Raised inside a write of the tracking store (or of an Optuna study), the exception would leave
+    that write's transaction open: SQLite stays locked, the run cannot be marked KILLED, and the
+    store's "database is locked" error replaces the interrupt. There, the signal is sent again a
+    moment later, until it lands outside.
+    """
+    if _in_database_code(frame):
+        again = threading.Timer(RESIGNAL_SECONDS, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+        return
+    if signum == signal.SIGTERM:
+        raise Terminated(f"signal {signum}")
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_outside_database_code() -> Iterator[None]:
+    """`_on_signal` for SIGTERM, and for SIGINT unless it is ignored (a background job's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signals.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, _on_signal) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
 def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume, given `run_id`) a run that always ends with the right status.
 
-    FINISHED on success, FAILED on an exception, KILLED on SIGTERM or Ctrl-C. A SIGKILL leaves the
-    run RUNNING; resuming it from a checkpoint continues the same run. A new run without a
-    `run_name` gets `run_name()`.
+    FINISHED on success, FAILED on an exception, KILLED on SIGTERM or Ctrl-C, also one that
+    arrives while a metric is being written. A SIGKILL leaves the run RUNNING; resuming it from a
+    checkpoint continues the same run. A new run without a `run_name` gets `run_name()`.
     """
     if run_id is None and not kwargs.get("run_name"):
         kwargs["run_name"] = run_name()
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-    try:
-        with mlflow.start_run(run_id=run_id, **kwargs) as active:
-            try:
-                yield active
-            except KeyboardInterrupt:
-                mlflow.end_run("KILLED")
-                raise
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    with _interrupts_outside_database_code(), \
+            mlflow.start_run(run_id=run_id, **kwargs) as active:
+        try:
+            yield active
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise

@@ -91,8 +91,9 @@ def test_sigterm_marks_the_run_killed(project):
     process = start(project, "python", "src/train.py")
     wait_for_epoch(project, 1, process)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 143
-    assert "train: terminated" in process.stdout.read()
+    status, output = process.wait(timeout=120), process.stdout.read()
+    assert status == 143, output
+    assert "train: terminated" in output
     (run,) = runs_of(project)
     assert run.info.status == "KILLED"
     assert not (project / "models/model.keras").exists()

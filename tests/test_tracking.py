@@ -3,11 +3,17 @@ params, experiments that open on the runs table, stage logs free of terminal cod
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import mlflow
 import pytest
+import sqlalchemy
 
 from conftest import sh
 from params import update_yaml
+from tracking import run as tracked_run
 
 pytestmark = pytest.mark.slow
 
@@ -38,3 +44,31 @@ def test_train_stage_log_has_no_terminal_codes(project):
     out = sh("dvc", "repro", "train", cwd=project).stdout  # a pipe, as a log file or CI
     assert "Epoch 2/2" in out
     assert "\x1b[" not in out, out
+
+
+def test_a_signal_during_a_metric_write_still_marks_the_run_killed(tmp_path):
+    # SIGTERM (or Ctrl-C) raised inside the store's INSERT left SQLite locked: the run stayed
+    # RUNNING and "database is locked" replaced the interrupt. It is raised after the write now.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("signals")
+    sent = []
+
+    def terminate_mid_insert(connection, cursor, statement, *args):
+        if not sent and statement.lstrip().upper().startswith("INSERT INTO METRICS"):
+            sent.append(statement)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute",
+                            terminate_mid_insert)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            with tracked_run(run_name="interrupted") as active:
+                mlflow.log_metrics({"loss": 1.5}, step=1)
+                time.sleep(30)  # the signal lands here, after the write
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute",
+                                terminate_mid_insert)
+    assert sent
+    client = mlflow.tracking.MlflowClient()
+    assert client.get_run(active.info.run_id).info.status == "KILLED"
+    assert [m.value for m in client.get_metric_history(active.info.run_id, "loss")] == [1.5]

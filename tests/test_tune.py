@@ -194,7 +194,8 @@ def test_ctrl_c_leaves_the_study_consistent(tuned):
         time.sleep(0.2)
     time.sleep(2)  # inside the trial's training
     worker.send_signal(signal.SIGINT)
-    assert worker.wait(timeout=120) == 130
+    status, output = worker.wait(timeout=120), worker.stdout.read()
+    assert status == 130, output
     (trial,) = load(tuned).trials
     assert trial.state == TrialState.FAIL  # not left RUNNING
     statuses = {r.data.tags.get("optuna.trial"): r.info.status for r in trial_runs(tuned)}
