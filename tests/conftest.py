@@ -136,6 +136,10 @@ TINY = {  # the real params.yaml, shrunk: a small model, few images, two epochs
 }
 
 
+# no enqueued trials (the recipe and its variants), so that a study samples from the start
+NO_STARTING_POINTS = {"tune.recipe": None, "tune.variants": []}
+
+
 def tool_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: this venv's python and dvc first, no outside MLflow server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}

@@ -30,7 +30,7 @@ import requests
 from optuna.trial import TrialState
 from psycopg2 import sql
 
-from conftest import ROOT, sh, tool_env
+from conftest import NO_STARTING_POINTS, ROOT, sh, tool_env
 from params import update_yaml
 from test_tune import SMALL_SPACE, assert_one_study
 
@@ -94,8 +94,7 @@ def database(database_name):
 @pytest.fixture
 def tuned(project):
     sh("dvc", "repro", "preprocess", cwd=project)
-    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None,
-                                          "tune.variants": [],
+    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, **NO_STARTING_POINTS,
                                           "tune.max_gap": None})
     return project
 

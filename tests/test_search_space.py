@@ -6,14 +6,14 @@ import optuna
 import pytest
 
 import tune as tune_script
-from conftest import ROOT
+from conftest import NO_STARTING_POINTS, ROOT
 from params import ParamsError, read_yaml, with_overrides
 from search_space import as_nested, exp_run_command, parse_tune, sample, trial_params
 from shared_study import make_study
 from tune import Pruning
 
 # the real params without the recipe, so that a changed space is judged alone
-RAW = with_overrides(read_yaml(ROOT / "params.yaml"), {"tune.recipe": None, "tune.variants": []})
+RAW = with_overrides(read_yaml(ROOT / "params.yaml"), NO_STARTING_POINTS)
 
 
 def test_every_space_key_is_a_param_and_every_sample_validates():

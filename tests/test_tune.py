@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import sh, tool_env
+from conftest import NO_STARTING_POINTS, sh, tool_env
 from params import load_params, parse_params, read_yaml, update_yaml, with_overrides
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,7 @@ def tuned(project):
     sh("dvc", "repro", "preprocess", cwd=project)
     # no pruning here: which trials a pruner stops on two-epoch trials is luck, not behaviour;
     # no gap limit: a tiny model's gap says nothing (tests/test_tune_goal.py tests the limit)
-    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, "tune.recipe": None,
-                                          "tune.variants": [],
+    update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, **NO_STARTING_POINTS,
                                           "tune.pruner": "none", "tune.max_gap": None,
                                           "tune.lr_reference_batch": None})
     return project
