@@ -135,8 +135,20 @@ def run_name() -> str | None:
     return name[:200]
 
 
-RESIGNAL_SECONDS = 0.05
+RESIGNAL_SECONDS = 0.05  # retry of a signal that landed in database code
+UNSEEN_SECONDS = 1.0  # retry of an interrupt that no run's cleanup has seen by then
 DATABASE_CODE = ("mlflow.", "sqlalchemy.")  # modules whose frames may be inside a store write
+_unseen: set[int] = set()  # signals raised as interrupts that no run's cleanup has seen yet
+
+
+def _send_again(signum: int, delay: float, only_if_unseen: bool = False) -> None:
+    def again():
+        if not only_if_unseen or signum in _unseen:
+            os.kill(os.getpid(), signum)
+
+    timer = threading.Timer(delay, again)
+    timer.daemon = True
+    timer.start()
 
 
 def _in_database_code(frame) -> bool:
@@ -153,13 +165,15 @@ def _on_signal(signum, frame):
     Raised inside a write of the tracking store (or of an Optuna study), the exception would leave
     that write's transaction open: SQLite stays locked, the run cannot be marked KILLED, and the
     store's "database is locked" error replaces the interrupt. There, the signal is sent again a
-    moment later, until it lands outside.
+    moment later, until it lands outside. Raised inside a weakref callback or a `__del__` (the
+    garbage collector runs them anywhere), Python prints the exception and goes on: so it is sent
+    again until a run's cleanup has seen it.
     """
     if _in_database_code(frame):
-        again = threading.Timer(RESIGNAL_SECONDS, os.kill, (os.getpid(), signum))
-        again.daemon = True
-        again.start()
+        _send_again(signum, RESIGNAL_SECONDS)
         return
+    _unseen.add(signum)
+    _send_again(signum, UNSEEN_SECONDS, only_if_unseen=True)
     if signum == signal.SIGTERM:
         raise Terminated(f"signal {signum}")
     raise KeyboardInterrupt
@@ -197,5 +211,6 @@ def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.ActiveRun]:
         try:
             yield active
         except KeyboardInterrupt:
+            _unseen.clear()
             mlflow.end_run("KILLED")
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import weakref
 
 import mlflow
 import pytest
@@ -72,3 +73,28 @@ def test_a_signal_during_a_metric_write_still_marks_the_run_killed(tmp_path):
     client = mlflow.tracking.MlflowClient()
     assert client.get_run(active.info.run_id).info.status == "KILLED"
     assert [m.value for m in client.get_metric_history(active.info.run_id, "loss")] == [1.5]
+
+
+def test_an_interrupt_swallowed_by_a_weakref_callback_is_raised_again(tmp_path):
+    # Python prints an exception raised in a weakref callback (the garbage collector runs them
+    # anywhere) and goes on: a Ctrl-C that landed there was lost and tune.py trained on.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("signals")
+
+    def interrupt_inside_callback(_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, inside the callback
+            pass
+
+    class Owner:
+        pass
+
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        with tracked_run(run_name="interrupted") as active:
+            owner = Owner()
+            ref = weakref.ref(owner, interrupt_inside_callback)
+            del owner  # the callback runs and swallows the first Terminated
+            assert ref() is None
+            time.sleep(30)  # the signal is sent again and lands here
+    client = mlflow.tracking.MlflowClient()
+    assert client.get_run(active.info.run_id).info.status == "KILLED"
