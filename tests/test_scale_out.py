@@ -243,7 +243,7 @@ def mlflow_server(database_name, tmp_path):
     def healthy() -> bool:
         try:
             return requests.get(f"{uri}/health", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or still starting
             return False
 
     try:
