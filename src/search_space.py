@@ -13,6 +13,12 @@ import math
 from typing import Annotated, Any, Literal
 
 import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from params import Augment, Model, Params, ParamsError, Train, parse_params, with_overrides
@@ -168,6 +174,14 @@ def sample(trial: optuna.Trial, space: dict[str, Range | Choice]) -> dict[str, A
     return point
 
 
+def distributions(space: dict[str, Range | Choice]) -> dict[str, BaseDistribution]:
+    """What `sample` suggests from, per key (what a trial added from outside must carry)."""
+    return {key: CategoricalDistribution(spec.choices) if isinstance(spec, Choice)
+            else IntDistribution(int(spec.low), int(spec.high), log=spec.log) if _is_int(key)
+            else FloatDistribution(spec.low, spec.high, log=spec.log)
+            for key, spec in space.items()}
+
+
 def overrides(point: dict[str, Any], tune: Tune) -> dict[str, Any]:
     """The params values of a sampled point: with `tune.lr_reference_batch`, the sampled rate is
     the one for that batch size, and the trial's rate scales linearly with its batch size."""
@@ -177,6 +191,16 @@ def overrides(point: dict[str, Any], tune: Tune) -> dict[str, Any]:
         values["train.learning_rate"] = (values["train.learning_rate"] * batch
                                          / tune.lr_reference_batch)
     return values
+
+
+def as_sampled(values: dict[str, Any], tune: Tune) -> dict[str, Any]:
+    """The inverse of `overrides`: the point a trial samples to train with these values."""
+    point = dict(values)
+    batch = point.get("train.batch_size")
+    if tune.lr_reference_batch and batch and "train.learning_rate" in point:
+        point["train.learning_rate"] = (point["train.learning_rate"] * tune.lr_reference_batch
+                                        / batch)
+    return point
 
 
 def trial_params(raw: dict, point: dict[str, Any], tune: Tune) -> Params:

@@ -19,6 +19,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 import cli
+import known_runs
 import tracking
 from dblock import DatabaseLock
 from search_space import Tune
@@ -69,8 +70,12 @@ def metric_names(tune: Tune) -> list[str]:
     return ["val_accuracy", "honest_gap"] if tune.multi_objective else ["val_accuracy"]
 
 
-def make_study(tune: Tune) -> optuna.Study:
-    """Create or load the study; tables and study are created by one worker at a time."""
+def make_study(tune: Tune, known: list[optuna.trial.FrozenTrial] = ()) -> optuna.Study:
+    """Create or load the study; tables and study are created by one worker at a time.
+
+    `known` are complete trials made elsewhere (known_runs.py), added unless the study holds
+    them; in a new study before the starting points, so that one of them is not trained again.
+    """
     # Unseeded: workers sharing a study would otherwise sample the same points.
     directions = ["maximize", "minimize"] if tune.multi_objective else ["maximize"]
     sampler = (optuna.samplers.TPESampler() if tune.sampler == "tpe"
@@ -84,12 +89,14 @@ def make_study(tune: Tune) -> optuna.Study:
                                  "use --study-name for a new one")
         if study.metric_names != metric_names(tune):  # shown by optuna-dashboard and plots
             study.set_metric_names(metric_names(tune))
-        if not study.get_trials(deepcopy=False):
+        new = not study.get_trials(deepcopy=False)
+        known_runs.add(study, list(known))
+        if new:
             # a new study starts from the hand recipe, the point every later trial must beat,
-            # and the recipe with each standard regularizer added
+            # and the recipe with each standard regularizer added (unless a known run is one)
             for number, point in enumerate(tune.starting_points()):
                 study.enqueue_trial(point, user_attrs={"recipe_variant": number} if number
-                                    else {"recipe": True})
+                                    else {"recipe": True}, skip_if_exists=True)
     return study
 
 

@@ -120,6 +120,8 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
         print("tune: Pareto front (trial: val accuracy, honest gap):")
         for trial in sorted(study.best_trials, key=_accuracy, reverse=True):
             print(f"  {trial.number}: {trial.values[0]:.4f}, {trial.values[1]:.4f}")
+    added = best.user_attrs.get("added_run")
     print(f"tune: best trial {best.number}: val accuracy {_accuracy(best):.4f}, "
-          f"honest gap {best.user_attrs.get('honest_gap', float('nan')):.4f}")
+          f"honest gap {best.user_attrs.get('honest_gap', float('nan')):.4f}"
+          + (f" (the run {added}, added)" if added else ""))
     return point

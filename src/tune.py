@@ -4,6 +4,7 @@
     python src/tune.py --n-trials 30 --epochs 5 --train-limit 10000
     python src/tune.py --storage postgresql://host/db   # many workers, one study
     python src/tune.py --apply                  # also write the best point into params.yaml
+    python src/tune.py --epochs 50 --train-limit 40000 --add-run NAME   # count a 50-epoch run
 
 Needs the preprocessed data (`dvc repro preprocess`). A new study's first trials are the hand
 recipe (`tune.recipe`) and its variants (`tune.variants`). Each trial trains `tune.epochs` epochs
@@ -32,6 +33,7 @@ import optuna
 
 import atomic
 import cli
+import known_runs
 import progress
 import study_report
 import tracking
@@ -145,9 +147,12 @@ def tune(args: argparse.Namespace) -> dict:
         train_split = Split(train_split.images[:limit], train_split.labels[:limit])
     val_split = load_split(processed, "val")
 
-    study = make_study(tune_settings)
     experiment = f"{params.mlflow.experiment}-tune"
     tracking.configure(experiment, TUNE_DESCRIPTION)
+    known = [known_runs.as_trial(known_runs.find_run(name, params.mlflow.experiment), raw,
+                                 tune_settings, len(train_split), len(val_split))
+             for name in args.add_run]
+    study = make_study(tune_settings, known)
     objective = Objective(raw, tune_settings, train_split, val_split)
     with tracking.run(run_id=parent_run_id(study, tune_settings, experiment)):
         # tags, not params: a rerun of the study may ask for another budget
@@ -179,6 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="pruner of this invocation (default: tune.pruner)")
     parser.add_argument("--multi-objective", action="store_true",
                         help="maximize val accuracy and minimize the honest gap")
+    parser.add_argument("--add-run", action="append", default=[], metavar="NAME",
+                        help="a finished pipeline run (DVC experiment name or MLflow run id) "
+                        "to add as a complete trial (repeatable; see known_runs.py)")
     parser.add_argument("--apply", action="store_true",
                         help="write the best point into params.yaml (comments kept)")
     return parser.parse_args(argv)

@@ -1,0 +1,138 @@
+"""Finished pipeline runs as complete trials of a study (Optuna's `study.add_trial`).
+
+A 50-epoch `dvc exp run` takes an hour on a CPU; a study whose trials train the same 50 epochs on
+the same images counts it instead of training it again:
+
+    python src/tune.py --epochs 50 --train-limit 40000 --study-name full-length \\
+        --add-run recipe-cutmix     # the DVC experiment's name (its MLflow run name) or a run id
+
+The run is looked up in the pipeline's MLflow experiment and must be a point of the study: the
+params it logged are those a trial of the study at that point trains with (same seed, data,
+images, epochs and every param outside the space; only how it ran, the backend and device
+settings, may differ) and its space values lie inside the space. The trial's value is the run's
+last validation accuracy, each epoch's is an intermediate value (what pruners compare), and the
+run's honest gap (evaluate's, on all training images) is its `tune.max_gap` constraint. Added
+to a new study before the recipe and its variants are enqueued, a run that is one of them takes
+its place: the study does not train it again.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import mlflow
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from ruamel.yaml import YAML
+
+from cli import UserError
+from params import Params, ParamsError, parse_params, with_overrides
+from search_space import Choice, Tune, as_sampled, distributions, trial_params
+
+# how a run trained, not what: a run may differ from the study's trials in these
+HOW = {"train.backend", "train.deterministic", "train.mixed_precision", "train.distribute"}
+SECTIONS = ("model", "augment", "train")
+
+
+def find_run(name: str, experiment: str) -> mlflow.entities.Run:
+    """The newest finished, evaluated run named `name` (or with that id) in `experiment`."""
+    client = mlflow.tracking.MlflowClient()
+    found = mlflow.get_experiment_by_name(experiment)
+    runs = []
+    if found is not None:
+        by = (f"attributes.run_id = '{name}'" if re.fullmatch(r"[0-9a-f]{32}", name)
+              else f"attributes.run_name = '{name}'" if "'" not in name else None)
+        runs = [run for run in client.search_runs(
+            [found.experiment_id], by, order_by=["attributes.start_time DESC"])
+            if run.info.status == "FINISHED" and "honest_gap" in run.data.metrics] if by else []
+    if not runs:
+        raise UserError(f"--add-run {name}: no finished, evaluated run of that name or id in "
+                        f"the MLflow experiment {experiment!r} ({mlflow.get_tracking_uri()})")
+    return runs[0]
+
+
+def _run_params(run: mlflow.entities.Run, raw: dict) -> Params:
+    """The params the run trained with, as the schema types them."""
+    load = YAML(typ="safe", pure=True).load
+    logged = {key: load(value) for key, value in run.data.params.items()
+              if key == "seed" or key.partition(".")[0] in SECTIONS}
+    try:
+        return parse_params(with_overrides(raw, logged))
+    except ParamsError as error:
+        raise UserError(f"run {run.info.run_id}: its params are not this project's: {error}"
+                        ) from None
+
+
+def _flat(params: Params) -> dict:
+    flat = {"seed": params.seed}
+    for section in SECTIONS:
+        flat |= {f"{section}.{k}": v for k, v in getattr(params, section).model_dump().items()}
+    return flat
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, int | float) and isinstance(b, int | float) and \
+            not isinstance(a, bool) and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
+             val_images: int) -> FrozenTrial:
+    """The complete trial a study with these settings and splits makes of `run`."""
+    name = f"--add-run {run.info.run_name or run.info.run_id}"
+    params = _run_params(run, raw)
+    point = as_sampled({key: _flat(params)[key] for key in tune.space}, tune)
+    for key, value in point.items():
+        spec = tune.space[key]
+        if not (value in spec.choices if isinstance(spec, Choice)
+                else spec.low <= value <= spec.high):
+            raise UserError(f"{name}: {key}={value!r} is outside the study's space")
+    logged = run.data.params
+    data = {"data.md5": raw["data"]["md5"], "data.train_images": str(train_images),
+            "data.val_images": str(val_images)}
+    differ = [f"{key} {logged.get(key)} (study: {value})" for key, value in data.items()
+              if logged.get(key) != value]
+    study = _flat(trial_params(raw, point, tune))
+    differ += [f"{key} {value!r} (study: {study[key]!r})"
+               for key, value in _flat(params).items()
+               if key not in HOW and not _same(value, study[key])]
+    if differ:
+        raise UserError(f"{name}: not a point of this study: it differs in {'; '.join(differ)}")
+
+    client = mlflow.tracking.MlflowClient()
+    curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
+    if not curve:
+        raise UserError(f"{name}: the run logged no val_accuracy per epoch")
+    epochs = max(curve)
+    val_accuracy, gap = curve[epochs], run.data.metrics["honest_gap"]
+    attrs = {"pipeline_run_id": run.info.run_id, "added_run": run.info.run_name,
+             "val_accuracy_final": val_accuracy, "honest_gap": gap, "epochs_trained": epochs}
+    constraints = None
+    if tune.max_gap is not None:
+        constraints = {"honest_gap": gap - tune.max_gap}
+        attrs["gap_over_max"] = gap - tune.max_gap
+    return optuna.trial.create_trial(
+        state=TrialState.COMPLETE,
+        **({"values": [val_accuracy, gap]} if tune.multi_objective else {"value": val_accuracy}),
+        params=point, distributions=distributions(tune.space), user_attrs=attrs,
+        intermediate_values=curve, constraints=constraints)
+
+
+def add(study: optuna.Study, trials: list[FrozenTrial]) -> None:
+    """Add each trial whose run the study does not hold yet; say what was added."""
+    held = {t.user_attrs.get("pipeline_run_id"): t.number
+            for t in study.get_trials(deepcopy=False)}
+    for trial in trials:
+        run_id = trial.user_attrs["pipeline_run_id"]
+        if run_id in held:
+            print(f"tune: run {trial.user_attrs['added_run']} ({run_id}) is trial {held[run_id]} "
+                  "already")
+            continue
+        study.add_trial(trial)
+        number = study.get_trials(deepcopy=False)[-1].number
+        held[run_id] = number
+        print(f"tune: run {trial.user_attrs['added_run']} ({run_id}) added as trial {number}: "
+              f"val accuracy {trial.user_attrs['val_accuracy_final']:.4f}, "
+              f"honest gap {trial.user_attrs['honest_gap']:.4f}")

@@ -1,0 +1,83 @@
+"""`tune.py --add-run`: a finished pipeline run becomes a complete trial of a study."""
+
+from __future__ import annotations
+
+import sys
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import ROOT, sh
+from params import read_yaml, update_yaml
+from search_space import distributions, parse_tune, sample
+
+SPACE = {"model.dropout": {"low": 0.0, "high": 0.5},
+         "augment.crop": {"choices": [0, 4]},
+         "train.learning_rate": {"low": 0.005, "high": 0.05, "log": True},
+         "train.batch_size": {"choices": [32, 64]}}
+RECIPE = {"model.dropout": 0.25, "augment.crop": 4, "train.learning_rate": 0.02,
+          "train.batch_size": 64}
+# the recipe as the pipeline trains it: the rate scaled to batch 64 (reference batch 32)
+RECIPE_RUN = ["-S", "model.dropout=0.25", "-S", "augment.crop=4", "-S", "train.learning_rate=0.04",
+              "-S", "train.batch_size=64"]
+
+
+def test_added_trials_carry_the_distributions_sampling_makes():
+    tune = parse_tune(read_yaml(ROOT / "params.yaml"))
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda trial: sample(trial, tune.space) and 0.0, n_trials=3)
+    for trial in study.trials:
+        assert trial.distributions == distributions(tune.space)
+
+
+def tune_py(project, *args, check=True):
+    return sh(sys.executable, "src/tune.py", "--epochs", "2", *args, cwd=project, check=check)
+
+
+@pytest.mark.slow
+def test_a_run_that_is_the_recipe_takes_its_place_and_is_not_trained_again(project):
+    sh("dvc", "repro", "preprocess", cwd=project)
+    update_yaml(project / "params.yaml", {"tune.space": SPACE, "tune.recipe": RECIPE,
+                                          "tune.variants": [{"augment.crop": 0}],
+                                          "tune.pruner": "none", "tune.max_gap": 0.5,
+                                          "tune.lr_reference_batch": 32})
+    sh("git", "commit", "-qam", "tune settings", cwd=project)
+    sh("dvc", "exp", "run", "-n", "recipe-run", *RECIPE_RUN, cwd=project)
+    sh("dvc", "exp", "run", "-n", "more-l2", *RECIPE_RUN, "-S", "model.l2=0.001", cwd=project)
+    sh("git", "checkout", "params.yaml", cwd=project)  # dvc exp run left the last one's values
+    storage = f"sqlite:///{project / 'optuna.db'}"
+
+    # a run outside the study: one line naming what differs, nothing created
+    refused = tune_py(project, "--n-trials", "2", "--add-run", "more-l2", check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "tune: error: --add-run more-l2: not a point of this study: it differs in model.l2 0.001")
+    assert "regularization" not in optuna.get_all_study_names(storage)
+    missing = tune_py(project, "--add-run", "no-such-run", check=False)
+    assert missing.returncode == 1 and "no finished, evaluated run" in missing.stderr
+
+    out = tune_py(project, "--n-trials", "2", "--add-run", "recipe-run").stdout
+    study = optuna.load_study(study_name="regularization", storage=storage)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2  # budget 2: one trained
+    added, trained = trials
+    assert added.params == RECIPE and "added_run" in added.user_attrs
+    assert trained.params == {**RECIPE, "augment.crop": 0}  # the variant; the recipe was not
+    assert trained.user_attrs["recipe_variant"] == 1        # enqueued again
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["cifar10-alexnet"], output_format="list",
+                             filter_string="attributes.run_name = 'recipe-run'")[0]
+    curve = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+    assert added.value == pytest.approx(curve[-1].value)
+    assert added.intermediate_values == pytest.approx({m.step: m.value for m in curve})
+    gap = run.data.metrics["honest_gap"]
+    assert added.constraints == {"honest_gap": pytest.approx(gap - 0.5)}
+    assert f"added as trial {added.number}" in out
+
+    # a rerun with the same run adds nothing
+    again = tune_py(project, "--n-trials", "2", "--add-run", "recipe-run").stdout
+    assert f"is trial {added.number} already" in again
+    assert len(optuna.load_study(study_name="regularization", storage=storage).trials) == 2
