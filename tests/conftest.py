@@ -136,6 +136,14 @@ TINY = {  # the real params.yaml, shrunk: a small model, few images, two epochs
 }
 
 
+# a small space and a recipe inside it, for the tests of what a study starts from
+SPACE = {"model.dropout": {"low": 0.0, "high": 0.5},
+         "augment.crop": {"choices": [0, 4]},
+         "train.learning_rate": {"low": 0.005, "high": 0.05, "log": True},
+         "train.batch_size": {"choices": [32, 64]}}
+RECIPE = {"model.dropout": 0.25, "augment.crop": 4, "train.learning_rate": 0.02,
+          "train.batch_size": 64}
+
 # no enqueued trials (the recipe and its variants), so that a study samples from the start
 NO_STARTING_POINTS = {"tune.recipe": None, "tune.variants": []}
 

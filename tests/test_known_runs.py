@@ -9,16 +9,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, sh
+from conftest import RECIPE, ROOT, SPACE, sh
 from params import read_yaml, update_yaml
 from search_space import distributions, parse_tune, sample
 
-SPACE = {"model.dropout": {"low": 0.0, "high": 0.5},
-         "augment.crop": {"choices": [0, 4]},
-         "train.learning_rate": {"low": 0.005, "high": 0.05, "log": True},
-         "train.batch_size": {"choices": [32, 64]}}
-RECIPE = {"model.dropout": 0.25, "augment.crop": 4, "train.learning_rate": 0.02,
-          "train.batch_size": 64}
 # the recipe as the pipeline trains it: the rate scaled to batch 64 (reference batch 32)
 RECIPE_RUN = ["-S", "model.dropout=0.25", "-S", "augment.crop=4", "-S", "train.learning_rate=0.04",
               "-S", "train.batch_size=64"]

@@ -10,7 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 import study_report
-from conftest import ROOT, sh
+from conftest import RECIPE, ROOT, SPACE, sh
 from params import ParamsError, read_yaml, update_yaml, with_overrides
 from search_space import overrides, parse_tune
 
@@ -86,12 +86,6 @@ def test_with_no_feasible_trial_there_is_no_winner():
     assert study_report._best(study) is None
 
 
-SPACE = {"model.dropout": {"low": 0.0, "high": 0.5},
-         "augment.crop": {"choices": [0, 4]},
-         "train.learning_rate": {"low": 0.005, "high": 0.05, "log": True},
-         "train.batch_size": {"choices": [32, 64]}}
-RECIPE = {"model.dropout": 0.25, "augment.crop": 4, "train.learning_rate": 0.02,
-          "train.batch_size": 64}
 VARIANTS = [{"augment.crop": 0}]
 
 
