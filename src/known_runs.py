@@ -28,7 +28,7 @@ from ruamel.yaml import YAML
 
 from cli import UserError
 from params import Params, ParamsError, parse_params, with_overrides
-from search_space import Choice, Tune, as_sampled, distributions, trial_params
+from search_space import Tune, as_sampled, distributions, trial_params
 
 # how a run trained, not what: a run may differ from the study's trials in these
 HOW = {"train.backend", "train.deterministic", "train.mixed_precision", "train.distribute"}
@@ -78,33 +78,37 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
-             val_images: int) -> FrozenTrial:
-    """The complete trial a study with these settings and splits makes of `run`."""
+def _point(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
+           val_images: int) -> dict:
+    """The study's point that `run` trained; a UserError saying how it is not one."""
     name = f"--add-run {run.info.run_name or run.info.run_id}"
-    params = _run_params(run, raw)
-    point = as_sampled({key: _flat(params)[key] for key in tune.space}, tune)
-    for key, value in point.items():
-        spec = tune.space[key]
-        if not (value in spec.choices if isinstance(spec, Choice)
-                else spec.low <= value <= spec.high):
-            raise UserError(f"{name}: {key}={value!r} is outside the study's space")
+    trained = _flat(_run_params(run, raw))
+    point = as_sampled({key: trained[key] for key in tune.space}, tune)
+    outside = [f"{key}={value!r}" for key, value in point.items() if not tune.contains(key, value)]
+    if outside:
+        raise UserError(f"{name}: outside the study's space: {', '.join(outside)}")
     logged = run.data.params
     data = {"data.md5": raw["data"]["md5"], "data.train_images": str(train_images),
             "data.val_images": str(val_images)}
     differ = [f"{key} {logged.get(key)} (study: {value})" for key, value in data.items()
               if logged.get(key) != value]
     study = _flat(trial_params(raw, point, tune))
-    differ += [f"{key} {value!r} (study: {study[key]!r})"
-               for key, value in _flat(params).items()
+    differ += [f"{key} {value!r} (study: {study[key]!r})" for key, value in trained.items()
                if key not in HOW and not _same(value, study[key])]
     if differ:
         raise UserError(f"{name}: not a point of this study: it differs in {'; '.join(differ)}")
+    return point
 
+
+def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
+             val_images: int) -> FrozenTrial:
+    """The complete trial a study with these settings and splits makes of `run`."""
+    point = _point(run, raw, tune, train_images, val_images)
     client = mlflow.tracking.MlflowClient()
     curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
     if not curve:
-        raise UserError(f"{name}: the run logged no val_accuracy per epoch")
+        raise UserError(f"--add-run {run.info.run_name}: the run logged no val_accuracy per "
+                        "epoch")
     epochs = max(curve)
     val_accuracy, gap = curve[epochs], run.data.metrics["honest_gap"]
     attrs = {"pipeline_run_id": run.info.run_id, "added_run": run.info.run_name,

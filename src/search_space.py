@@ -88,14 +88,17 @@ class Tune(_Strict):
             self._inside(f"variant {number}", variant)
         return self
 
+    def contains(self, key: str, value: Value) -> bool:
+        """Whether `value` is one of the space's values for `key`."""
+        spec = self.space[key]
+        return (value in spec.choices if isinstance(spec, Choice)
+                else spec.low <= value <= spec.high)
+
     def _inside(self, what: str, point: dict[str, Value]) -> None:
         for key, value in point.items():
-            spec = self.space.get(key)
-            if spec is None:
+            if key not in self.space:
                 raise ValueError(f"{what}: {key!r} is not a key of the space")
-            inside = (value in spec.choices if isinstance(spec, Choice)
-                      else spec.low <= value <= spec.high)
-            if not inside:
+            if not self.contains(key, value):
                 raise ValueError(f"{what} value {key}: {value!r} is outside the space")
 
     def starting_points(self) -> list[dict[str, Value]]:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+import known_runs
+from cli import UserError
 from conftest import RECIPE, ROOT, SPACE, sh
-from params import read_yaml, update_yaml
+from params import parse_params, read_yaml, update_yaml, with_overrides
 from search_space import distributions, parse_tune, sample
+
+REAL = read_yaml(ROOT / "params.yaml")
 
 # the recipe as the pipeline trains it: the rate scaled to batch 64 (reference batch 32)
 RECIPE_RUN = ["-S", "model.dropout=0.25", "-S", "augment.crop=4", "-S", "train.learning_rate=0.04",
@@ -19,11 +24,34 @@ RECIPE_RUN = ["-S", "model.dropout=0.25", "-S", "augment.crop=4", "-S", "train.l
 
 
 def test_added_trials_carry_the_distributions_sampling_makes():
-    tune = parse_tune(read_yaml(ROOT / "params.yaml"))
+    tune = parse_tune(REAL)
     study = optuna.create_study(direction="maximize")
     study.optimize(lambda trial: sample(trial, tune.space) and 0.0, n_trials=3)
     for trial in study.trials:
         assert trial.distributions == distributions(tune.space)
+
+
+def logged(overrides: dict) -> SimpleNamespace:
+    """A pipeline run of the real params with `overrides`, its params as train.py logs them."""
+    params = parse_params(with_overrides(REAL, overrides))
+    flat = {"seed": params.seed, "data.md5": params.data.md5, "data.train_images": 20000,
+            "data.val_images": 10000}
+    for section in ("model", "augment", "train"):
+        flat |= {f"{section}.{k}": v for k, v in getattr(params, section).model_dump().items()}
+    return SimpleNamespace(info=SimpleNamespace(run_name="a-run", run_id="0" * 32),
+                           data=SimpleNamespace(params={k: str(v) for k, v in flat.items()}))
+
+
+def test_a_run_is_the_point_it_trained_or_a_line_saying_how_it_is_not():
+    tune = parse_tune(REAL)  # 10 epochs on 20000 images per trial
+    recipe = {**tune.recipe, "train.epochs": tune.epochs, "train.backend": "jax"}
+    assert known_runs._point(logged(recipe), REAL, tune, 20000, 10000) == tune.recipe
+    with pytest.raises(UserError, match=r"a-run: outside the study's space: augment.cutout=5$"):
+        known_runs._point(logged({**recipe, "augment.cutout": 5}), REAL, tune, 20000, 10000)
+    with pytest.raises(UserError, match=r"it differs in data.train_images 20000 \(study: 40000\); "
+                       r"model.l2 0.001 \(study: 0.0\); train.epochs 50 \(study: 10\)$"):
+        known_runs._point(logged({**recipe, "model.l2": 0.001, "train.epochs": 50}), REAL, tune,
+                          40000, 10000)
 
 
 def tune_py(project, *args, check=True):
