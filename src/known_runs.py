@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import mlflow
 import optuna
@@ -124,7 +125,7 @@ def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
         intermediate_values=curve, constraints=constraints)
 
 
-def add(study: optuna.Study, trials: list[FrozenTrial]) -> None:
+def add(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
     """Add each trial whose run the study does not hold yet; say what was added."""
     held = {t.user_attrs.get("pipeline_run_id"): t.number
             for t in study.get_trials(deepcopy=False)}

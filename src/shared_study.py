@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlflow
 import optuna
@@ -70,7 +70,7 @@ def metric_names(tune: Tune) -> list[str]:
     return ["val_accuracy", "honest_gap"] if tune.multi_objective else ["val_accuracy"]
 
 
-def make_study(tune: Tune, known: list[optuna.trial.FrozenTrial] = ()) -> optuna.Study:
+def make_study(tune: Tune, known: Sequence[optuna.trial.FrozenTrial] = ()) -> optuna.Study:
     """Create or load the study; tables and study are created by one worker at a time.
 
     `known` are complete trials made elsewhere (known_runs.py), added unless the study holds
@@ -90,7 +90,7 @@ def make_study(tune: Tune, known: list[optuna.trial.FrozenTrial] = ()) -> optuna
         if study.metric_names != metric_names(tune):  # shown by optuna-dashboard and plots
             study.set_metric_names(metric_names(tune))
         new = not study.get_trials(deepcopy=False)
-        known_runs.add(study, list(known))
+        known_runs.add(study, known)
         if new:
             # a new study starts from the hand recipe, the point every later trial must beat,
             # and the recipe with each standard regularizer added (unless a known run is one)
