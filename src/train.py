@@ -152,6 +152,15 @@ def log_model(model: keras.Model, sample: np.ndarray) -> None:
                            pip_requirements=requirements)
 
 
+def run_fingerprint(params: Params, setup: devices.Setup, data_files: Sequence[Path]) -> str:
+    """What a checkpoint must match to be resumed: the params that change training, the device
+    settings in force (the dtype policy among them: `auto` resolves per machine), the data and the
+    project code loaded in this process."""
+    return fingerprint(params.seed, params.model.model_dump(), params.augment.model_dump(),
+                       params.train.model_dump(), setup.describe(),
+                       files=tuple(data_files) + code_files())
+
+
 def train(params: Params) -> dict:
     paths = params.paths
     train_split = load_split(paths.processed, "train")
@@ -159,9 +168,7 @@ def train(params: Params) -> dict:
     data_files = tuple(Path(paths.processed) / f"{name}.npz" for name in ("train", "val"))
     backend.check(params.train.backend)
     configured = devices.configure(params.train, params.seed)
-    checkpoint = Checkpoint(paths.checkpoint, fingerprint(
-        params.seed, params.model.model_dump(), params.augment.model_dump(),
-        params.train.model_dump(), configured.describe(), files=data_files + code_files()))
+    checkpoint = Checkpoint(paths.checkpoint, run_fingerprint(params, configured, data_files))
     with configured.scope():  # loaded outside it, the model would train on one replica only
         saved = checkpoint.load()
     if checkpoint.ignored:

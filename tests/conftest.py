@@ -188,3 +188,32 @@ def project(tmp_path, tiny_archive) -> Path:
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "init", cwd=root)
     return root
+
+
+FLAGS = {"avx2": "fpu sse2 avx avx2 fma", "avx512_bf16": "fpu avx2 avx512f avx512_bf16",
+         "amx": "fpu avx2 avx512f amx_bf16 amx_tile", "arm": None}
+
+
+@pytest.fixture
+def fake_cpu(tmp_path, monkeypatch):
+    """Point devices at a /proc/cpuinfo of the given flags (None: an Arm `Features` line)."""
+    def make(kind: str):
+        flags = FLAGS[kind]
+        line = f"flags\t\t: {flags}" if flags else "Features\t: fp asimd bf16 i8mm"
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nmodel name\t: fake\n{line}\n\n"
+                        f"processor\t: 1\n{line}\n")
+        import devices
+
+        monkeypatch.setattr(devices, "CPUINFO", path)
+    return make
+
+
+@pytest.fixture
+def restore_policy():
+    """Keras' global dtype policy as it was before the test."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    yield
+    keras.mixed_precision.set_global_policy(previous)

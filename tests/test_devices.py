@@ -32,6 +32,29 @@ def test_precision_policy(setting, gpu_count, backend, policy):
     assert devices.precision_policy(setting, gpu_count, backend) == policy
 
 
+@pytest.mark.parametrize(("setting", "gpu_count", "backend", "policy"), [
+    ("auto", 0, "tensorflow", "mixed_bfloat16"),  # oneDNN's native bf16 kernels
+    ("auto", 0, "jax", "float32"),                # JAX's CPU backend: unmeasured, float32
+    ("auto", 1, "tensorflow", "mixed_float16"),   # a GPU decides, not the host CPU
+    ("on", 0, "tensorflow", "mixed_float16"),     # "on" keeps its meaning
+    ("off", 0, "tensorflow", "float32"),
+])
+def test_precision_policy_on_a_cpu_with_native_bf16(setting, gpu_count, backend, policy):
+    assert devices.precision_policy(setting, gpu_count, backend, cpu_bf16=True) == policy
+
+
+@pytest.mark.parametrize(("kind", "native"), [
+    ("avx2", False), ("avx512_bf16", True), ("amx", True), ("arm", False)])
+def test_native_bf16_read_from_the_processor_flags(fake_cpu, kind, native):
+    fake_cpu(kind)
+    assert devices.native_bf16() is native
+
+
+def test_no_cpuinfo_means_no_native_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices, "CPUINFO", tmp_path / "missing")
+    assert devices.cpu_flags() == frozenset() and not devices.native_bf16()
+
+
 @pytest.mark.parametrize(("setting", "gpu_count", "split"), [
     ("auto", 0, False),
     ("auto", 1, False),
@@ -57,17 +80,13 @@ def test_no_gpus_on_a_cpu_machine():
     assert devices.gpus() == []
 
 
-@pytest.fixture
-def restore_policy():
-    previous = keras.mixed_precision.global_policy()
-    yield
-    keras.mixed_precision.set_global_policy(previous)
-
-
 @cpu_only
 @pytest.mark.usefixtures("restore_policy")
-@pytest.mark.parametrize(("setting", "policy"), [("auto", "float32"), ("on", "mixed_float16")])
-def test_configure_on_a_cpu(setting, policy):
+@pytest.mark.parametrize(("cpu", "setting", "policy"), [
+    ("avx2", "auto", "float32"), ("avx512_bf16", "auto", "mixed_bfloat16"),
+    ("avx2", "on", "mixed_float16"), ("avx512_bf16", "off", "float32")])
+def test_configure_on_a_cpu(fake_cpu, cpu, setting, policy):
+    fake_cpu(cpu)
     train = load_params().train.model_copy(update={"mixed_precision": setting})
     setup = devices.configure(train, seed=0)
     assert keras.mixed_precision.global_policy().name == policy
