@@ -6,9 +6,10 @@ Every entry point that uses Keras imports this module before anything that impor
     # isort: split
 
 params.yaml wins: a `KERAS_BACKEND` in the environment that disagrees is overridden, with a line
-on stderr saying so. This module only peeks at that one key of `./params.yaml`; the stage validates
-the whole file when it loads its params, and `check()` then confirms that Keras runs the backend
-the params name.
+on stderr saying so. When a stage script runs (`python src/<stage>.py`), this module first
+validates the whole of `./params.yaml` (no TensorFlow yet: a bad value fails in about a second,
+with the stage's one-line error); `check()` later confirms that Keras runs the backend the params
+name.
 
 TensorFlow's native start-up lines that nobody can act on (the oneDNN notice, CUDA probing on a
 machine without a GPU: "Could not find cuda drivers", "failed call to cuInit") are dropped while it
@@ -112,7 +113,26 @@ def hide_tensorflow() -> None:
     sys.meta_path.insert(0, _WithoutTensorFlow())
 
 
+def validate_first(path: str = "params.yaml") -> None:
+    """When a stage script runs, validate its params.yaml before Keras and the backend load
+    (seconds): a bad value fails in a second, with the stage's one-line error and status 1."""
+    from pathlib import Path
+
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is None or script.parent != Path(__file__).resolve().parent \
+            or not os.path.isfile(path):
+        return
+    from params import load_params
+
+    try:
+        load_params(path)
+    except ParamsError as error:
+        print(f"{script.stem}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
 if "keras" not in sys.modules:
+    validate_first()
     chosen = select()
     if chosen == "tensorflow":
         load_tensorflow_quietly()

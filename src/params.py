@@ -2,7 +2,9 @@
 
 Every section parses into a frozen pydantic model that refuses unknown keys, wrong types and
 out-of-range values. `load_params()` turns any problem into a `ParamsError` whose message is one
-line naming the key, e.g. `params.yaml: train.epochs: Input should be greater than 0`.
+line naming the key and the value given, e.g.
+`params.yaml: train.epochs: Input should be a valid integer, unable to parse string as an integer
+(got 'ten')`.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def _one_line(error: ValidationError) -> str:
         message = "unknown key"
     elif first["type"] == "missing":
         message = "missing key"
+    elif isinstance(first.get("input"), str | int | float | bool | None):
+        message = f"{message} (got {first['input']!r})"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{key}: {message}{more}"
 

@@ -109,16 +109,24 @@ class Tune(_Strict):
 
 
 def parse_tune(raw: dict, overrides: dict[str, Any] | None = None) -> Tune:
-    """The `tune` section of loaded params.yaml (with `overrides` of its keys), space checked."""
+    """The `tune` section of loaded params.yaml with `overrides` of its keys (the command-line
+    flags `--key-name` of tune.py), space checked. An error names the flag when the bad value
+    came from one, otherwise the params.yaml key; with the value given."""
     section = raw.get("tune")
     if not isinstance(section, dict):
         raise ParamsError("params.yaml: tune: missing section (see the project's params.yaml)")
+    overrides = overrides or {}
     try:
-        tune = Tune.model_validate({**section, **(overrides or {})})
+        tune = Tune.model_validate({**section, **overrides})
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p not in ("Range", "Choice"))
-        raise ParamsError(f"params.yaml: tune.{where}: {first['msg']}") from None
+        given = first.get("input")
+        got = f" (got {given!r})" if isinstance(given, str | int | float | bool | None) else ""
+        if first["loc"] and first["loc"][0] in overrides:
+            flag = "--" + str(first["loc"][0]).replace("_", "-")
+            raise ParamsError(f"{flag}: {first['msg']}{got}") from None
+        raise ParamsError(f"params.yaml: tune.{where}: {first['msg']}{got}") from None
     check_space(raw, tune)
     return tune
 

@@ -105,6 +105,10 @@ class Objective:
                              on_epoch=lambda model, history: mlflow.log_metrics(
                                  {k: v for k, v in history[-1].items() if k != "epoch"},
                                  step=history[-1]["epoch"]))
+                # scored before the reset below, which also drops the dtype policy and the
+                # distribution the model was trained under
+                val_accuracy, gap = final_scores(result, self.train_split, self.val_split,
+                                                 params.evaluate.batch_size)
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 mlflow.end_run("KILLED")
@@ -114,8 +118,6 @@ class Objective:
                 raise
             finally:
                 keras.backend.clear_session()
-            val_accuracy, gap = final_scores(result, self.train_split, self.val_split,
-                                             params.evaluate.batch_size)
             scores = {"val_accuracy_final": val_accuracy, "honest_gap": gap,
                       "epochs_trained": len(result.history)}
             if self.tune.max_gap is not None:  # feasible when <= 0; Optuna's best is feasible

@@ -26,17 +26,18 @@ def test_benchmark_tiny_budget(tmp_path, settings):
          *settings], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    for kind in ("A", "B"):
+    for kind in ("A", "B", "C"):
         assert data[kind]["images_per_second"]["median"] > 0
         assert len(data[kind]["runs"]) == 1
-    assert data["ratio_a_over_b"] > 0
+    assert len({run["policy"] for kind in "ABC" for run in data[kind]["runs"]}) == 1  # A's
+    assert data["ratio_a_over_b"] > 0 and data["ratio_a_over_c_train_phase"] > 0
     assert data["input_pipeline"]["images_per_second"] > 0
     assert "skipped" in data["preprocess"]           # no --archive
     assert "no dvc.yaml" in data["dvc_repro"]["skipped"]  # tmp_path is no DVC repository
-    assert "ratio A/B" in result.stdout
+    assert "ratio A/B" in result.stdout and "ratio A/C" in result.stdout
     assert list(tmp_path.iterdir()) == [out]        # nothing written beside the JSON
     backend = "jax" if settings else "tensorflow"
-    assert {run["backend"] for run in data["A"]["runs"] + data["B"]["runs"]} == {backend}
+    assert {run["backend"] for kind in "ABC" for run in data[kind]["runs"]} == {backend}
     assert data["config"]["augment"]["crop"] == (4 if settings else 0)
 
 

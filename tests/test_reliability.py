@@ -145,9 +145,26 @@ def test_bad_params_is_one_line_and_no_traceback(project):
     (project / "params.yaml").write_text(text.replace("epochs: 2", "epochs: two", 1))
     result = sh("python", "src/train.py", cwd=project, check=False)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "train: error: params.yaml: train.epochs: Input should be a valid integer")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: error: params.yaml: train.epochs: Input should be a valid "
+                           "integer") and last.endswith("(got 'two')")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate", "tune"])
+def test_bad_params_fail_before_keras_loads(project, stage):
+    """The stage refuses params.yaml before it imports Keras or TensorFlow (seconds of start-up):
+    a spy module in their place would be imported otherwise."""
+    update_yaml(project / "params.yaml", {"model.dropout": 2})
+    spy = project / "spy"
+    for name in ("keras", "tensorflow", "jax"):
+        (spy / name).mkdir(parents=True)
+        (spy / name / "__init__.py").write_text(f"raise SystemExit('{name} was imported')\n")
+    result = sh("python", f"src/{stage}.py", cwd=project, check=False,
+                PYTHONPATH=f"{spy}{os.pathsep}{project / 'src'}")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (f"{stage}: error: params.yaml: model.dropout: Input should "
+                                     "be less than 1 (got 2)")
 
 
 def test_nan_loss_stops_training_with_a_clear_error():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 import pytest
 
@@ -26,6 +27,23 @@ def test_every_space_key_is_a_param_and_every_sample_validates():
         assert params.train.epochs == tune.epochs
         assert params.model.dropout == point["model.dropout"]
         study.tell(trial, 0.5)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"n_trials": 0}, "--n-trials: Input should be greater than 0 (got 0)"),
+    ({"epochs": -1, "n_trials": 3}, "--epochs: Input should be greater than 0 (got -1)"),
+    ({"train_limit": 0}, "--train-limit: Input should be greater than 0 (got 0)"),
+])
+def test_a_bad_flag_is_named_as_the_flag(flags, message):
+    with pytest.raises(ParamsError) as error:
+        parse_tune(RAW, flags)
+    assert str(error.value) == message
+
+
+def test_a_bad_tune_key_in_params_yaml_is_named_as_the_key():
+    with pytest.raises(ParamsError) as error:
+        parse_tune(with_overrides(RAW, {"tune.n_trials": 0}), {"epochs": 2})
+    assert str(error.value) == "params.yaml: tune.n_trials: Input should be greater than 0 (got 0)"
 
 
 def test_bad_space_is_refused_naming_the_key():
@@ -125,3 +143,34 @@ def test_no_trial_is_pruned_before_min_epochs(tmp_path, pruner):
     assert not weak.should_prune()
     weak.report(0.1, 2)
     assert weak.should_prune()
+
+
+@pytest.mark.usefixtures("restore_policy")
+def test_a_trial_is_scored_under_the_policy_it_trained_in(tmp_path, monkeypatch):
+    """tune.py resets Keras after a trial; the honest gap is measured before that, in the dtype
+    policy (and distribution) the model was trained under."""
+    import keras
+    import mlflow
+
+    import cifar
+    from conftest import TINY
+
+    raw = with_overrides(RAW, TINY | {"train.mixed_precision": "on", "train.epochs": 1})
+    tune = parse_tune(raw, {"epochs": 1, "multi_objective": True, "max_gap": None})
+    rng = np.random.default_rng(0)
+    split = cifar.Split(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+                        rng.integers(0, 10, 64).astype(np.uint8))
+    seen = []
+    real_measure = tune_script.measure
+
+    def spy(model, data, batch_size):
+        seen.append(keras.mixed_precision.global_policy().name)
+        return real_measure(model, data, batch_size)
+
+    monkeypatch.setattr(tune_script, "measure", spy)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("scoring")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.optimize(tune_script.Objective(raw, tune, split, split), n_trials=1)
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert seen == ["mixed_float16"]  # "on" with TensorFlow, as trained; not float32 after reset
