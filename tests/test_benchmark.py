@@ -86,3 +86,16 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
     assert all(0 <= row["preset_val_accuracy"] <= 1 for row in rows.values())
     assert (rows["e"]["preset_val_accuracy"], rows["e"]["preset_honest_gap"]) == (0.123, 0.045)
     assert rows["f"]["preset_val_accuracy"] != 0.123
+
+
+def test_bench_step_compares_policies(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--batch", "8", "--steps",
+         "1", "--rounds", "1", "--policy", "float32", "--policy", "mixed_bfloat16"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("  native bfloat16 (amx_bf16, avx512_bf16): ")
+    assert lines[2].split()[0] == "float32" and lines[2].endswith("1.00x float32")
+    assert lines[3].split()[0] == "mixed_bfloat16"
+    assert list(tmp_path.iterdir()) == []  # writes nothing
