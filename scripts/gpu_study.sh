@@ -19,7 +19,8 @@ python3 src/preprocess.py
 workers=${WORKERS:-4}
 XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $workers, 3))")
 export XLA_PYTHON_CLIENT_MEM_FRACTION
-# a trial started before the timeout runs to its end: leave it room under the call's limit
+# a trial running when STUDY_SECONDS pass stops after its epoch (tune.py --timeout) and is
+# queued again for a later study run
 pids=()
 for worker in $(seq "$workers"); do
   python3 src/tune.py --n-trials "${N_TRIALS:-50}" --timeout "${STUDY_SECONDS:-240}" \
@@ -28,9 +29,16 @@ for worker in $(seq "$workers"); do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a worker that fails fails the call
 # every worker has stopped: this one trains nothing, it prints the report and applies the winner
-python3 src/tune.py --n-trials 1 --apply --study-name gpu-full-length 2>&1 | tee "$out/study.log"
-cp reports/best_params.yaml "$out"/
+rm -f reports/best_params.yaml
+python3 src/tune.py --report-only --apply --study-name gpu-full-length 2>&1 | tee "$out/study.log"
 find mlruns -path '*/artifacts/study/trials.csv' -exec cp {} "$out"/ \;
+if [ ! -f reports/best_params.yaml ]; then
+  cd "$root"
+  echo "gpu_study: no winner: no complete trial meets tune.max_gap (or none finished in" \
+    "STUDY_SECONDS); nothing applied or trained; the study's report is in $out/study.log"
+  exit 0
+fi
+cp reports/best_params.yaml "$out"/
 run_stages train evaluate 2>&1 | tee "$out/winner.log"
 cp reports/metrics.json reports/history.csv "$out"/
 cd "$root"

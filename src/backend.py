@@ -55,7 +55,28 @@ def select(path: str = "params.yaml") -> str | None:
         print(f"KERAS_BACKEND={environment} ignored: {path} sets train.backend: {name}",
               file=sys.stderr)
     os.environ["KERAS_BACKEND"] = name
+    if name == "jax" and _deterministic(path):
+        deterministic_xla()
     return name
+
+
+XLA_DETERMINISM = "--xla_gpu_deterministic_ops=true"
+
+
+def _deterministic(path: str) -> bool:
+    try:
+        return (read_yaml(path) or {}).get("train", {}).get("deterministic") is True
+    except (ParamsError, AttributeError):
+        return False
+
+
+def deterministic_xla() -> None:
+    """`train.deterministic` on JAX: XLA's deterministic GPU kernels (no atomics in reductions and
+    scatters), which must be in XLA_FLAGS before JAX starts. JAX on a CPU is deterministic
+    without it: the same program on the same inputs gives the same bits."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if XLA_DETERMINISM not in flags.split():
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_DETERMINISM}".strip()
 
 
 @contextlib.contextmanager

@@ -4,8 +4,11 @@ Optuna and MLflow create their tables on first use, and two processes doing so a
 ("type studydirection already exists", "duplicate column name"). Every first-time setup, and
 every check-then-act on shared state (is the study's budget taken? does the parent run exist?),
 runs under `DatabaseLock(url)`: a PostgreSQL advisory lock taken on a connection to the same
-database, or a file lock next to a SQLite file. Other stores (an MLflow server) lock nothing:
-the server runs its migrations once, alone.
+database, or a file lock next to a SQLite file. An MLflow server (http, https) or a file store
+locks nothing: the server runs its migrations once, alone. Any other database URL (mysql://,
+mssql://, ...) is refused with a one-line error: without the lock, the one-study, one-parent-run
+and exact-budget guarantees would silently not hold. A database that does not answer is a
+one-line error naming its URL (without the password).
 """
 
 from __future__ import annotations
@@ -16,6 +19,19 @@ from pathlib import Path
 import filelock
 import sqlalchemy
 from sqlalchemy.pool import NullPool
+
+from cli import UserError
+
+LOCKED = ("sqlite", "postgresql", "postgres")
+UNLOCKED = ("http", "https", "file", "databricks")  # MLflow stores that are not databases
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, as it may appear in an error message."""
+    try:
+        return sqlalchemy.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url.split("@")[-1] if "@" in url else url
 
 
 class DatabaseLock:
@@ -35,6 +51,9 @@ class DatabaseLock:
                 self._file = filelock.FileLock(f"{Path(path).resolve()}.lock")
         elif scheme in ("postgresql", "postgres"):
             self._engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+        elif scheme not in UNLOCKED:
+            raise UserError(f"{redacted(url)}: unsupported database {scheme!r}: a shared study "
+                            "and MLflow store need sqlite:///PATH or postgresql://HOST/DB")
 
     @property
     def held(self) -> bool:
@@ -44,7 +63,12 @@ class DatabaseLock:
         if self._file is not None:
             self._file.acquire()
         elif self._engine is not None and self._connection is None:
-            connection = self._engine.connect()
+            try:
+                connection = self._engine.connect()
+            except sqlalchemy.exc.OperationalError as error:
+                reason = str(error.orig or error).strip().splitlines()[0]
+                raise UserError(f"cannot reach the database {redacted(self.url)}: "
+                                f"{reason}") from None
             try:
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
                                    {"key": self._key})

@@ -11,7 +11,10 @@ params it logged are those a trial of the study at that point trains with (same 
 images, epochs and every param outside the space; only how it ran, the backend and device
 settings, may differ) and its space values lie inside the space. The trial's value is the run's
 last validation accuracy, each epoch's is an intermediate value (what pruners compare), and the
-run's honest gap (evaluate's, on all training images) is its `tune.max_gap` constraint. Added
+run's honest gap (evaluate's, on all the training images it trained on, as a sampled trial's) is
+its `tune.max_gap` constraint. The run must have been trained by the same training code as the
+study's trials (its `code.training` tag, see tracking.TRAINING_CODE); `--allow-other-code` adds
+one trained by other code anyway. Added
 to a new study before the recipe and its variants are enqueued, a run that is one of them takes
 its place: the study does not train it again.
 """
@@ -27,6 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from ruamel.yaml import YAML
 
+import tracking
 from cli import UserError
 from params import Params, ParamsError, parse_params, with_overrides
 from search_space import Tune, as_sampled, distributions, trial_params
@@ -79,10 +83,22 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _same_code(run: mlflow.entities.Run, name: str) -> None:
+    """Refuse a run trained by other training code than this study's trials (the digest of
+    tracking.TRAINING_CODE that train.py tags each run with)."""
+    theirs, ours = run.data.tags.get(tracking.CODE_TAG), tracking.training_code()
+    if theirs != ours:
+        raise UserError(f"{name}: trained by other training code ({tracking.CODE_TAG} "
+                        f"{theirs or 'not recorded'}, this study's {ours}); add "
+                        "--allow-other-code to count it anyway")
+
+
 def _point(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
-           val_images: int) -> dict:
+           val_images: int, allow_other_code: bool = False) -> dict:
     """The study's point that `run` trained; a UserError saying how it is not one."""
     name = f"--add-run {run.info.run_name or run.info.run_id}"
+    if not allow_other_code:
+        _same_code(run, name)
     trained = _flat(_run_params(run, raw))
     point = as_sampled({key: trained[key] for key in tune.space}, tune)
     outside = [f"{key}={value!r}" for key, value in point.items() if not tune.contains(key, value)]
@@ -102,9 +118,9 @@ def _point(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
 
 
 def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
-             val_images: int) -> FrozenTrial:
+             val_images: int, allow_other_code: bool = False) -> FrozenTrial:
     """The complete trial a study with these settings and splits makes of `run`."""
-    point = _point(run, raw, tune, train_images, val_images)
+    point = _point(run, raw, tune, train_images, val_images, allow_other_code)
     client = mlflow.tracking.MlflowClient()
     curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
     if not curve:
@@ -113,6 +129,7 @@ def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
     epochs = max(curve)
     val_accuracy, gap = curve[epochs], run.data.metrics["honest_gap"]
     attrs = {"pipeline_run_id": run.info.run_id, "added_run": run.info.run_name,
+             tracking.CODE_TAG: run.data.tags.get(tracking.CODE_TAG, "not recorded"),
              "val_accuracy_final": val_accuracy, "honest_gap": gap, "epochs_trained": epochs}
     constraints = None
     if tune.max_gap is not None:

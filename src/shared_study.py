@@ -26,6 +26,7 @@ from search_space import Tune
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the trial budget counts
 MAX_FAILURES_IN_A_ROW = 5
+STALE_POLL_S = 5  # seconds between looks at other workers' running trials
 
 # Experimental in Optuna for years and still the supported way to do these; a user cannot act on
 # the warning. Only these exact features are silenced, every other warning stays.
@@ -148,8 +149,11 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
 
     Finished means complete or pruned: a pruned trial got its verdict. Failed trials do not
     count; a dead worker's trial is retried. A worker checks the budget and takes its trial
-    under the study lock, so workers racing for the last places never start one too many: a
-    worker that finds the budget taken stands down without leaving a trial behind.
+    under the study lock, so workers racing for the last places never start one too many. A
+    worker that finds the rest of the budget running in other workers waits until those trials
+    finish, or until one of them is found stale (its worker silent for `tune.grace_period`),
+    failed and retried here: the study ends with exactly `n_trials` finished trials and none
+    left RUNNING.
     """
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     lock = study_lock(tune)
@@ -165,14 +169,21 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
             if len(study.get_trials(deepcopy=False, states=FINISHED)) >= tune.n_trials:
                 return
-            # not WAITING: a retry or enqueued point needs a worker
-            taken = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-            if len(taken) >= tune.n_trials:
-                return  # the remaining trials are running in other workers
             if deadline and time.monotonic() > deadline:
                 return
-            study.optimize(started, n_trials=1, catch=(Exception,),
-                           callbacks=[lambda _, trial, done=finished: done.append(trial.state)])
+            # not WAITING: a retry or enqueued point needs a worker
+            taken = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            if len(taken) < tune.n_trials:
+                study.optimize(started, n_trials=1, catch=(Exception,),
+                               callbacks=[lambda _, trial, done=finished:
+                                          done.append(trial.state)])
+        if not finished and len(taken) >= tune.n_trials:
+            # The rest of the budget is RUNNING elsewhere. One of those workers may have died:
+            # its trial stays RUNNING until its heartbeat is older than the grace period, then
+            # fail_stale_trials fails it and the retry needs a worker. Wait for that verdict
+            # (each running trial finishes or goes stale within the grace period).
+            time.sleep(min(tune.heartbeat_interval, STALE_POLL_S))
+            continue
         failures = failures + 1 if finished == [TrialState.FAIL] else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             raise cli.StageError(f"{failures} trials in a row failed; see the log above")

@@ -25,7 +25,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from ruamel.yaml import YAML, YAMLError
 
-from cli import Terminated
+from cli import Terminated, UserError
 from dblock import DatabaseLock
 
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # as the MLflow UI reads
@@ -43,6 +43,32 @@ def project_root(cwd: Path | None = None) -> Path:
     return cwd
 
 
+SERVER_WAIT_S = 15  # how long a tracking server that does not answer is given
+
+
+def wait_for_server(uri: str, seconds: float = SERVER_WAIT_S) -> None:
+    """Return once the MLflow server at `uri` answers /health; a one-line UserError after
+    `seconds` (MLflow's own client would retry for minutes, then raise a traceback)."""
+    import time
+
+    import requests
+
+    deadline, reason = time.monotonic() + seconds, "no answer"
+    while True:
+        try:
+            answer = requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+            if answer.status_code < 500:
+                return
+            reason = f"HTTP {answer.status_code}"
+        except requests.RequestException as error:
+            reason = type(error).__name__
+        if time.monotonic() >= deadline:
+            raise UserError(f"MLFLOW_TRACKING_URI={uri}: the MLflow tracking server does not "
+                            f"answer ({reason} after {seconds:.0f} s); start it or unset "
+                            "MLFLOW_TRACKING_URI")
+        time.sleep(1)
+
+
 def configure(experiment: str, description: str = PIPELINE_DESCRIPTION) -> str:
     """Point MLflow at the store, select `experiment` (created if needed); return the store URI.
 
@@ -55,6 +81,8 @@ def configure(experiment: str, description: str = PIPELINE_DESCRIPTION) -> str:
         root = project_root()
         uri = f"sqlite:///{root / 'mlflow.db'}"
         artifact_location = (root / "mlruns").as_uri()
+    if uri.startswith(("http://", "https://")):
+        wait_for_server(uri)
     mlflow.set_tracking_uri(uri)
     # the first access creates or migrates the store's schema: one process at a time
     with DatabaseLock(uri, "mlflow-store"):
@@ -83,9 +111,27 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+# The modules whose source decides what a run trains (the model, its inputs and augmentation, the
+# fit and its devices): the `code.training` tag is their digest, and `tune.py --add-run` counts a
+# run as a trial only when it was trained by the same code as the study's trials.
+TRAINING_CODE = ("augment.py", "dataset.py", "devices.py", "early_stopping.py", "model.py",
+                 "train.py")
+CODE_TAG = "code.training"
+
+
+def training_code() -> str:
+    """A 16-hex digest of the training code's source (TRAINING_CODE, in src/)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in TRAINING_CODE:
+        digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def provenance_tags(data_md5: str) -> dict[str, str]:
     """Tags that tie a run to the code and data that produced it."""
-    tags = {"data.md5": data_md5}
+    tags = {"data.md5": data_md5, CODE_TAG: training_code()}
     commit = _git("rev-parse", "HEAD")
     if commit:
         status = _git("status", "--porcelain", "--untracked-files=no") or ""

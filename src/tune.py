@@ -24,6 +24,7 @@ import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
 # isort: split
 
 import argparse
+import time
 from pathlib import Path
 from typing import get_args
 
@@ -38,7 +39,7 @@ import progress
 import study_report
 import tracking
 from cifar import Split
-from evaluate import measure
+from evaluate import honest_gap
 from params import load_params, read_yaml, update_yaml
 from preprocess import load_split
 from search_space import (
@@ -58,6 +59,22 @@ TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as param
                     "trial.")
 
 
+class TimeoutReached(Exception):
+    """The invocation's --timeout passed during a trial (Optuna records the trial as FAIL)."""
+
+
+class Deadline(keras.callbacks.Callback):
+    """Stop the trial after the epoch in which the invocation's timeout passed."""
+
+    def __init__(self, deadline: float | None):
+        super().__init__()
+        self.deadline = deadline
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutReached(f"stopped after epoch {epoch + 1}: --timeout reached")
+
+
 class Pruning(keras.callbacks.Callback):
     """Report each epoch's validation accuracy; stop the trial when the pruner says so."""
 
@@ -71,27 +88,27 @@ class Pruning(keras.callbacks.Callback):
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
 
-def final_scores(result, train_split: Split, val_split: Split, batch_size: int
-                 ) -> tuple[float, float]:
+def final_scores(result, train_split: Split, batch_size: int) -> tuple[float, float]:
     """(validation accuracy, honest gap) of a trained model at the end of its run.
 
-    The saved model is the last epoch's, whose validation the history holds; the gap compares it,
-    in inference mode, with as many training images as validate.
+    The saved model is the last epoch's, whose validation the history holds; the gap is
+    evaluate's: its accuracy in inference mode on all the images it trained on, minus that.
     """
     val_accuracy = result.history[-1]["val_accuracy"]
-    seen = Split(train_split.images[:len(val_split)], train_split.labels[:len(val_split)])
-    return val_accuracy, measure(result.model, seen, batch_size)[1] - val_accuracy
+    return val_accuracy, honest_gap(result.model, train_split, val_accuracy, batch_size)
 
 
 class Objective:
     def __init__(self, raw: dict, tune: Tune, train_split: Split, val_split: Split):
         self.raw, self.tune = raw, tune
         self.train_split, self.val_split = train_split, val_split
+        self.deadline = time.monotonic() + tune.timeout if tune.timeout else None
 
     def __call__(self, trial: optuna.Trial):
         point = sample(trial, self.tune.space)
         params = trial_params(self.raw, point, self.tune)
         tags = {"optuna.study": self.tune.study_name, "optuna.trial": str(trial.number)}
+        tags[tracking.CODE_TAG] = tracking.training_code()
         with tracking.run(run_name=f"{self.tune.study_name}-trial-{trial.number}", nested=True,
                           tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -101,17 +118,26 @@ class Objective:
                 pruning = [] if self.tune.multi_objective else [Pruning(trial)]
                 result = fit(params, self.train_split, self.val_split,
                              verbose=progress.verbosity(),
-                             callbacks=[*progress.callbacks(f"trial {trial.number}"), *pruning],
+                             callbacks=[*progress.callbacks(f"trial {trial.number}"), *pruning,
+                                        Deadline(self.deadline)],
                              on_epoch=lambda model, history: mlflow.log_metrics(
                                  {k: v for k, v in history[-1].items() if k != "epoch"},
                                  step=history[-1]["epoch"]))
                 # scored before the reset below, which also drops the dtype policy and the
                 # distribution the model was trained under
-                val_accuracy, gap = final_scores(result, self.train_split, self.val_split,
+                val_accuracy, gap = final_scores(result, self.train_split,
                                                  params.evaluate.batch_size)
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 mlflow.end_run("KILLED")
+                raise
+            except TimeoutReached as stopped:  # its point is trained again by the next run
+                mlflow.set_tag("optuna.state", "FAIL")
+                mlflow.end_run("KILLED")
+                trial.study.enqueue_trial(trial.params, user_attrs={
+                    "timed_out_trial": trial.number})
+                print(f"tune: trial {trial.number} {stopped}; its point is queued for the next "
+                      "invocation")
                 raise
             except (Exception, KeyboardInterrupt):  # Optuna records both as FAIL
                 mlflow.set_tag("optuna.state", "FAIL")
@@ -152,7 +178,8 @@ def tune(args: argparse.Namespace) -> dict:
     experiment = f"{params.mlflow.experiment}-tune"
     tracking.configure(experiment, TUNE_DESCRIPTION)
     known = [known_runs.as_trial(known_runs.find_run(name, params.mlflow.experiment), raw,
-                                 tune_settings, len(train_split), len(val_split))
+                                 tune_settings, len(train_split), len(val_split),
+                                 allow_other_code=args.allow_other_code)
              for name in args.add_run]
     study = make_study(tune_settings, known)
     objective = Objective(raw, tune_settings, train_split, val_split)
@@ -160,7 +187,8 @@ def tune(args: argparse.Namespace) -> dict:
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags({f"tune.{k}": str(v) for k, v in tune_settings.model_dump().items()
                          if k not in ("space", "storage")})
-        run_study(study, objective, tune_settings)
+        if not args.report_only:
+            run_study(study, objective, tune_settings)
         best = study_report.report(study, tune_settings)
     if best is None:
         print("tune: no winner yet: no complete trial meets the constraints")
@@ -189,6 +217,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--add-run", action="append", default=[], metavar="NAME",
                         help="a finished pipeline run (DVC experiment name or MLflow run id) "
                         "to add as a complete trial (repeatable; see known_runs.py)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train no trial: report the study as it is (with --apply, apply "
+                        "its winner)")
+    parser.add_argument("--allow-other-code", action="store_true",
+                        help="with --add-run: count a run trained by other training code")
     parser.add_argument("--apply", action="store_true",
                         help="write the best point into params.yaml (comments kept)")
     return parser.parse_args(argv)

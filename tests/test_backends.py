@@ -104,3 +104,26 @@ def test_params_choose_the_backend_over_the_environment(tmp_path, params_backend
     assert result.stdout.split() == [params_backend]
     if environment:
         assert f"KERAS_BACKEND={environment} ignored" in result.stderr
+
+
+@pytest.mark.parametrize(("deterministic", "flags_before", "flags_after"), [
+    (True, None, "--xla_gpu_deterministic_ops=true"),
+    (True, "--xla_force_host_platform_device_count=2",
+     "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"),
+    (True, "--xla_gpu_deterministic_ops=true", "--xla_gpu_deterministic_ops=true"),  # once
+    (False, None, None)])
+def test_deterministic_on_jax_sets_xla_s_deterministic_ops(tmp_path, deterministic, flags_before,
+                                                           flags_after):
+    """train.deterministic on JAX: XLA's deterministic GPU kernels, set before JAX starts (on a
+    CPU, JAX reruns are identical anyway: test_jax_resume_after_a_kill_equals_an_uninterrupted_run
+    compares a resumed and an uninterrupted run bit for bit with deterministic off)."""
+    (tmp_path / "params.yaml").write_text(
+        f"train:\n  backend: jax\n  deterministic: {str(deterministic).lower()}\n")
+    env = tool_env(PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+    env.pop("XLA_FLAGS", None)
+    if flags_before:
+        env["XLA_FLAGS"] = flags_before
+    code = "import os, backend; print(os.environ.get('XLA_FLAGS'))"
+    result = subprocess.run(["python", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == str(flags_after)

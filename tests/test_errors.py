@@ -75,3 +75,57 @@ def test_evaluate_of_a_run_the_store_lacks_is_one_line(project):
                            "which the tracking store sqlite:///")
     assert not (project / "reports/metrics.json").exists()  # failed before writing anything
     assert os.listdir(project / "reports") == ["train.json"]
+
+
+@pytest.mark.parametrize("url", ["mysql://root@127.0.0.1:3306/test",
+                                 "mysql+pymysql://root:secret@127.0.0.1/test",
+                                 "mssql://sa:secret@db/x"])
+def test_a_database_without_a_lock_is_refused_in_one_line(url):
+    from dblock import DatabaseLock
+
+    with pytest.raises(cli.UserError) as error:
+        DatabaseLock(url, "optuna-study")
+    message = str(error.value)
+    assert "unsupported database" in message and "sqlite:///PATH or postgresql://" in message
+    assert "secret" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:5000", "file:///tmp/mlruns"])
+def test_stores_that_are_not_databases_lock_nothing(url):
+    from dblock import DatabaseLock
+
+    with DatabaseLock(url, "mlflow-store") as lock:
+        assert not lock.held
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("storage", "expected"), [
+    ("postgresql://postgres:hunter2@127.0.0.1:1/nowhere",  # no server on port 1
+     "tune: error: cannot reach the database postgresql://postgres:***@127.0.0.1:1/nowhere: "),
+    ("mysql://root@127.0.0.1:3306/test",
+     "tune: error: mysql://root@127.0.0.1:3306/test: unsupported database 'mysql': "),
+])
+def test_tune_on_a_store_it_cannot_use_is_one_line(project, storage, expected):
+    sh("dvc", "repro", "preprocess", cwd=project)
+    result = sh("python", "src/tune.py", "--storage", storage, "--n-trials", "1", cwd=project,
+                check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_does_not_answer_is_one_line(project):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sh("dvc", "repro", "preprocess", cwd=project)
+    result = sh("python", "src/train.py", cwd=project, check=False,
+                MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"train: error: MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: the MLflow tracking server "
+        "does not answer (ConnectionError after 15 s)")

@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 import known_runs
+import tracking
 from cli import UserError
 from conftest import RECIPE, ROOT, SPACE, sh
 from params import parse_params, read_yaml, update_yaml, with_overrides
@@ -31,15 +32,18 @@ def test_added_trials_carry_the_distributions_sampling_makes():
         assert trial.distributions == distributions(tune.space)
 
 
-def logged(overrides: dict) -> SimpleNamespace:
-    """A pipeline run of the real params with `overrides`, its params as train.py logs them."""
+def logged(overrides: dict, code: str | None = None) -> SimpleNamespace:
+    """A pipeline run of the real params with `overrides`, its params as train.py logs them,
+    trained by this training code (or the one `code` names)."""
     params = parse_params(with_overrides(REAL, overrides))
     flat = {"seed": params.seed, "data.md5": params.data.md5, "data.train_images": 20000,
             "data.val_images": 10000}
     for section in ("model", "augment", "train"):
         flat |= {f"{section}.{k}": v for k, v in getattr(params, section).model_dump().items()}
     return SimpleNamespace(info=SimpleNamespace(run_name="a-run", run_id="0" * 32),
-                           data=SimpleNamespace(params={k: str(v) for k, v in flat.items()}))
+                           data=SimpleNamespace(params={k: str(v) for k, v in flat.items()},
+                                                tags={tracking.CODE_TAG: code or
+                                                      tracking.training_code()}))
 
 
 def test_a_run_is_the_point_it_trained_or_a_line_saying_how_it_is_not():
@@ -52,6 +56,36 @@ def test_a_run_is_the_point_it_trained_or_a_line_saying_how_it_is_not():
                        r"model.l2 0.001 \(study: 0.0\); train.epochs 50 \(study: 10\)$"):
         known_runs._point(logged({**recipe, "model.l2": 0.001, "train.epochs": 50}), REAL, tune,
                           40000, 10000)
+
+
+def test_a_run_of_other_training_code_is_refused_unless_allowed():
+    tune = parse_tune(REAL)
+    recipe = {**tune.recipe, "train.epochs": tune.epochs}
+    other = logged(recipe, code="0123456789abcdef")
+    with pytest.raises(UserError, match=r"^--add-run a-run: trained by other training code "
+                       r"\(code.training 0123456789abcdef, this study's [0-9a-f]{16}\); add "
+                       r"--allow-other-code to count it anyway$"):
+        known_runs._point(other, REAL, tune, 20000, 10000)
+    untagged = logged(recipe)
+    del untagged.data.tags[tracking.CODE_TAG]  # a run from before the tag existed
+    with pytest.raises(UserError, match=r"code.training not recorded"):
+        known_runs._point(untagged, REAL, tune, 20000, 10000)
+    assert known_runs._point(other, REAL, tune, 20000, 10000, allow_other_code=True) == \
+        tune.recipe
+
+
+def test_the_training_code_digest_follows_the_training_modules(tmp_path, monkeypatch):
+    before = tracking.training_code()
+    copy = tmp_path / "src"
+    copy.mkdir()
+    for name in tracking.TRAINING_CODE:
+        (copy / name).write_bytes((ROOT / "src" / name).read_bytes())
+    (copy / "tracking.py").write_text("")
+    monkeypatch.setattr(tracking, "__file__", str(copy / "tracking.py"))
+    assert tracking.training_code() == before
+    with open(copy / "augment.py", "a") as source:
+        source.write("\n# another augmentation\n")
+    assert tracking.training_code() != before
 
 
 def tune_py(project, *args, check=True):

@@ -222,6 +222,40 @@ def test_killed_worker_trial_fails_by_heartbeat_and_its_retry_completes(tuned, d
     assert [t.number for t in trials if t.state == TrialState.COMPLETE] == [retry.number]
 
 
+@pytest.mark.postgres
+def test_survivors_wait_for_a_dead_worker_s_trial_then_retry_it(tuned, database, tmp_path):
+    """Three workers, three trials: one worker is SIGKILLed mid-trial while the other two still
+    train. The survivors finish their trials, find the dead one's still RUNNING, wait until its
+    heartbeat is past the grace period, fail it and run its retry: three complete, none RUNNING.
+    """
+    grace = 15  # longer than the survivors' own trials take to finish
+    update_yaml(tuned / "params.yaml", {"tune.heartbeat_interval": 1, "tune.grace_period": grace,
+                                        "tune.pruner": "none"})
+    command = tune_command(database, "--n-trials", "3", "--epochs", "12")
+    logs = [tmp_path / f"worker-{index}.log" for index in range(3)]
+    workers = [start(command, tuned, log) for log in logs]
+    try:
+        running = wait_for(lambda: len(trials_if_any(database, (TrialState.RUNNING,))) == 3,
+                           "three trials running at once", workers[0], logs[0], timeout=600)
+        assert running
+        os.killpg(workers[0].pid, signal.SIGKILL)
+        workers[0].wait()
+        others_running = [w.poll() is None for w in workers[1:]]
+        for worker, log in zip(workers[1:], logs[1:], strict=True):
+            assert worker.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        for worker in workers:
+            stop(worker)
+    assert others_running == [True, True]  # the kill came while both survivors trained
+    trials = optuna.load_study(study_name=STUDY, storage=database.url).trials
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 3, states
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    (failed,) = [t for t in trials if t.state == TrialState.FAIL]
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == failed.params
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

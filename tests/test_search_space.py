@@ -161,13 +161,13 @@ def test_a_trial_is_scored_under_the_policy_it_trained_in(tmp_path, monkeypatch)
     split = cifar.Split(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
                         rng.integers(0, 10, 64).astype(np.uint8))
     seen = []
-    real_measure = tune_script.measure
+    real_gap = tune_script.honest_gap
 
-    def spy(model, data, batch_size):
+    def spy(model, data, val_accuracy, batch_size):
         seen.append(keras.mixed_precision.global_policy().name)
-        return real_measure(model, data, batch_size)
+        return real_gap(model, data, val_accuracy, batch_size)
 
-    monkeypatch.setattr(tune_script, "measure", spy)
+    monkeypatch.setattr(tune_script, "honest_gap", spy)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("scoring")
     study = optuna.create_study(directions=["maximize", "minimize"])

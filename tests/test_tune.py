@@ -133,6 +133,31 @@ def test_rerun_continues_to_the_asked_number(tuned):
     assert parent.data.tags["tune.epochs"] == "1" and parent.data.tags["tune.n_trials"] == "2"
 
 
+def test_timeout_stops_a_trial_mid_way_and_queues_its_point(tuned):
+    """--timeout bounds the invocation, not only the start of its trials: the trial running when
+    it passes stops after that epoch, fails, and its point waits for the next invocation."""
+    out = tune(tuned, "--n-trials", "2", "--epochs", "200", "--timeout", "3").stdout
+    (stopped,) = load(tuned).get_trials(states=(TrialState.FAIL,))
+    assert len(stopped.intermediate_values) < 200
+    (queued,) = load(tuned).get_trials(states=(TrialState.WAITING,))
+    assert queued.system_attrs["fixed_params"] == stopped.params and \
+        queued.user_attrs["timed_out_trial"] == stopped.number
+    assert f"tune: trial {stopped.number} stopped after epoch " in out
+    assert "--timeout reached; its point is queued for the next invocation" in out
+    tune(tuned, "--n-trials", "1")  # the next invocation trains the queued point
+    (done,) = load(tuned).get_trials(states=(TrialState.COMPLETE,))
+    assert done.params == stopped.params
+
+
+def test_report_only_trains_nothing(tuned):
+    tune(tuned, "--n-trials", "1")
+    before = [t.number for t in load(tuned).trials]
+    (tuned / "reports/best_params.yaml").unlink()
+    out = tune(tuned, "--n-trials", "5", "--report-only", "--apply").stdout
+    assert [t.number for t in load(tuned).trials] == before  # no trial started
+    assert (tuned / "reports/best_params.yaml").is_file() and "params.yaml updated" in out
+
+
 def test_diverging_trial_fails_and_the_study_goes_on(tuned):
     update_yaml(tuned / "params.yaml", {"tune.space": {
         **SMALL_SPACE, "train.momentum": {"low": 0.0, "high": 0.9},
