@@ -2,11 +2,14 @@
 
     python benchmarks/bench_step.py                              # batch 128, float32 vs bf16
     python benchmarks/bench_step.py --batch 32 --rounds 3 --policy float32 --policy mixed_bfloat16
+    python benchmarks/bench_step.py --policy float32 --policy float32+xla   # XLA on this CPU?
 
 One in-memory batch of the default model (params.yaml `model`), SGD, `train_on_batch` repeated:
-no input pipeline, no validation. Each policy runs in a fresh process, alternating A B A B, and
-the report gives the median images/s per policy and each one's ratio to the first. It also prints
-whether the processor has native bfloat16 (`devices.native_bf16`, the flag `auto` follows).
+no input pipeline, no validation; compiled without XLA as the train stage does on a CPU, or with
+it where the policy is written `NAME+xla`. Each policy runs in a fresh process, alternating
+A B A B, and the report gives the median images/s per policy and each one's ratio to the first.
+It also prints whether the processor has native bfloat16 (`devices.native_bf16`, the flag `auto`
+follows).
 TensorFlow backend; asserts nothing.
 """
 
@@ -30,16 +33,17 @@ import devices  # noqa: E402
 from params import load_params  # noqa: E402
 
 
-def child(policy: str, batch: int, steps: int) -> None:
+def child(variant: str, batch: int, steps: int) -> None:
     import keras
     import numpy as np
 
     from model import build_model
 
+    policy, _, compiler = variant.partition("+")
     keras.mixed_precision.set_global_policy(policy)
     model = build_model(load_params(ROOT / "params.yaml").model, seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="categorical_crossentropy",
-                  jit_compile=False)  # the train stage's choice on a CPU
+                  jit_compile=compiler == "xla")  # without: the train stage's CPU choice
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, batch)]
@@ -53,8 +57,8 @@ def child(policy: str, batch: int, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", action="append", help="Keras dtype policy (repeatable; "
-                        "default: float32 and mixed_bfloat16)")
+    parser.add_argument("--policy", action="append", help="Keras dtype policy, NAME+xla to "
+                        "compile with XLA (repeatable; default: float32 and mixed_bfloat16)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=2)

@@ -1,4 +1,4 @@
-"""Benchmark of the train stage: the pipeline's `train.fit` against plain Keras and the step limit.
+"""Benchmark of the train stage: the pipeline's `fitting.fit`, plain Keras and the step limit.
 
     python benchmarks/bench_train.py            # 4096 generated images, 3 epochs, 2 rounds
     python benchmarks/bench_train.py --images 256 --epochs 2 --rounds 1 --json bench.json  # smoke
@@ -9,13 +9,13 @@
 Trains the default model (params.yaml `model`, `train.batch_size`) on the same images for the same
 number of steps three ways, alternating A B C A B C, every run in a fresh child process (no state
 leaks from one to the next, and each child's ru_maxrss is that run's peak memory):
-  A  the pipeline: `train.fit` with params.yaml (and --set) shrunk to --epochs (its input
+  A  the pipeline: `fitting.fit` with params.yaml (and --set) shrunk to --epochs (its input
      pipeline and augmentation, the stage's precision / compilation / distribution choices,
      validation batch `train.batch_size`);
   B  plain Keras: `model.fit` on uint8 / one-hot numpy arrays, SGD(0.01), no augmentation, Keras
      defaults otherwise (validation batch = training batch);
-  C  the step limit: the pipeline's compiled model (`train.compile_model`: its optimizer, loss and
-     compilation) fitted on one in-memory batch repeated, no input pipeline, no validation.
+  C  the step limit: the pipeline's compiled model (`fitting.compile_model`: its optimizer, loss
+     and compilation) fitted on one in-memory batch repeated, no input pipeline, no validation.
 All three run on `train.backend` in the precision A resolves (`devices.configure`: with
 `mixed_precision: auto`, bfloat16 on a CPU with native bfloat16). The two ratios name the limit:
 A's training phase over C (what the input pipeline and augmentation cost; goal >= 0.9) and A over
@@ -64,7 +64,7 @@ import preprocess  # noqa: E402
 from params import Params, parse_params, read_yaml, with_overrides  # noqa: E402
 
 # TensorFlow is imported only inside functions: the parent holds no GPU while its children train.
-KINDS = {"A": "pipeline train.fit", "B": "plain Keras fit", "C": "step limit"}
+KINDS = {"A": "pipeline fitting.fit", "B": "plain Keras fit", "C": "step limit"}
 
 
 def load(settings: list[str], epochs: int) -> Params:
@@ -148,7 +148,7 @@ def step_limit_fit(params: Params, train: cifar.Split, callback):
 
     import dataset
     import devices
-    import train as stage
+    import fitting as stage
     from model import NUM_CLASSES, build_model
 
     setup = devices.configure(params.train, params.seed)
@@ -199,7 +199,7 @@ def child(kind: str, data: str, epochs: int, result_path: str, settings: list[st
     import keras
 
     if kind == "A":
-        import train as stage  # before the first memory reading, as B's imports are
+        import fitting as stage  # before the first memory reading, as B's imports are
 
     with np.load(data, allow_pickle=False) as arrays:
         train = cifar.Split(arrays["train_images"], arrays["train_labels"])

@@ -33,12 +33,11 @@ import pandas as pd  # noqa: E402
 
 import atomic  # noqa: E402
 import cli  # noqa: E402
-from cifar import Split  # noqa: E402
+from cifar import Split, load_split  # noqa: E402
+from fitting import fit  # noqa: E402
 from params import parse_params, read_yaml, with_overrides  # noqa: E402
-from preprocess import load_split  # noqa: E402
+from scoring import final_scores  # noqa: E402
 from search_space import parse_tune  # noqa: E402
-from train import fit  # noqa: E402
-from tune import final_scores  # noqa: E402
 
 
 def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) -> dict:
@@ -48,7 +47,7 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
     if limit:
         train = Split(train.images[:limit], train.labels[:limit])
     result = fit(params, train, val)
-    val_accuracy, gap = final_scores(result, train, val, params.evaluate.batch_size)
+    val_accuracy, gap = final_scores(result, train, params.evaluate.batch_size)
     keras.backend.clear_session()
     return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap}
 

@@ -38,7 +38,7 @@ def time_mlflow(calls: int = 20) -> dict:
 
     import mlflow
 
-    import train as stage
+    import fitting as stage
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its table creation notices
     row = dict.fromkeys((*stage.HISTORY_KEYS, "gap"), 0.5)

@@ -1,4 +1,4 @@
-"""The CIFAR-10 binary format, read safely with numpy.
+"""The CIFAR-10 binary format, read safely with numpy, and the splits the preprocess stage writes.
 
 The official `cifar-10-binary.tar.gz` holds `cifar-10-batches-bin/data_batch_{1..5}.bin` and
 `test_batch.bin`; every record is one label byte then 1024 red, 1024 green and 1024 blue bytes
@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cli import UserError
+from cli import StageError, UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -95,3 +95,12 @@ def encode_batch(images: np.ndarray, labels: np.ndarray) -> bytes:
     """The binary records for `images` (n, 32, 32, 3) and `labels`; the inverse of parse_batch."""
     planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
     return np.concatenate([labels[:, None], planes], axis=1).astype(np.uint8).tobytes()
+
+
+def load_split(processed: str | Path, name: str) -> Split:
+    """One split the preprocess stage wrote (`<processed>/<name>.npz`), never unpickled."""
+    path = Path(processed) / f"{name}.npz"
+    if not path.is_file():
+        raise StageError(f"{path} is missing: run `dvc repro preprocess`")
+    with np.load(path, allow_pickle=False) as arrays:
+        return Split(arrays["images"], arrays["labels"])

@@ -6,9 +6,10 @@ The honest generalization gap is the accuracy on the training images evaluated i
 (no dropout, no augmentation) minus the validation accuracy; the in-training gap from the history
 (`final_gap`, `worst_gap`) understates it once dropout or augmentation is on. Writes
 `reports/metrics.json`, `reports/confusion.csv` (one row per test image, for `dvc plots`) and PNG
-figures, and logs them to the MLflow run that `train` opened. `test_loss` and `val_loss` are plain
-categorical cross-entropy (no label smoothing, no weight decay), so they compare across
-configurations; the training history's losses are the objective as trained.
+figures, and logs them to the MLflow run that `train` opened, whose model it then registers as a
+new version of the registered model `mlflow.experiment` (registry.py). `test_loss` and
+`val_loss` are plain categorical cross-entropy (no label smoothing, no weight decay), so they
+compare across configurations; the training history's losses are the objective as trained.
 """
 
 from __future__ import annotations
@@ -28,36 +29,12 @@ from mlflow.exceptions import MlflowException
 
 import atomic
 import cli
-import dataset
 import figures
+import registry
 import tracking
-from cifar import CLASSES
+from cifar import CLASSES, load_split
 from params import Params, load_params
-from preprocess import load_split
-
-EPSILON = 1e-7  # Keras' clip of probabilities in cross-entropy
-
-
-def predict(model: keras.Model, split, batch_size: int) -> np.ndarray:
-    """Class probabilities of every image of `split`, in order, in inference mode."""
-    return model.predict(dataset.eval_dataset(split, batch_size), verbose=0)
-
-
-def scores(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(plain categorical cross-entropy, accuracy) of predicted probabilities."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    picked = probabilities[np.arange(len(labels)), labels] / probabilities.sum(axis=1)
-    loss = -np.log(np.clip(picked, EPSILON, 1 - EPSILON)).mean()
-    return float(loss), float(np.mean(np.argmax(probabilities, axis=1) == labels))
-
-
-def measure(model: keras.Model, split, batch_size: int) -> tuple[float, float]:
-    """(plain cross-entropy, accuracy) of the model on `split` in inference mode."""
-    return scores(predict(model, split, batch_size), split.labels)
-
-
-def honest_gap(model: keras.Model, train_split, val_accuracy: float, batch_size: int) -> float:
-    return measure(model, train_split, batch_size)[1] - val_accuracy
+from scoring import predict, scores
 
 
 def training_run(train_run: str) -> str:
@@ -125,6 +102,12 @@ def evaluate(params: Params) -> dict:
         mlflow.log_artifacts(paths.figures, artifact_path="figures")
         mlflow.log_artifact(paths.metrics)
         mlflow.log_artifact(paths.confusion)
+    registered = registry.register(run_id, params.mlflow.experiment, metrics)
+    version = registered.version
+    state = "registered" if registered.new else "already registered as"
+    alias = f" @{registry.ALIAS}" if registered.champion else ""
+    print(f"evaluate: {state} {version.name} version {version.version}{alias} "
+          f"(models:/{version.name}/{version.version})")
     return metrics
 
 

@@ -131,7 +131,7 @@ def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
     attrs = {"pipeline_run_id": run.info.run_id, "added_run": run.info.run_name,
              tracking.CODE_TAG: run.data.tags.get(tracking.CODE_TAG, "not recorded"),
              "val_accuracy_final": val_accuracy, "honest_gap": gap, "epochs_trained": epochs}
-    constraints = None
+    constraints = None  # in Optuna's and optuna-dashboard's forms (study_report.py)
     if tune.max_gap is not None:
         constraints = {"honest_gap": gap - tune.max_gap}
         attrs["gap_over_max"] = gap - tune.max_gap
@@ -139,7 +139,8 @@ def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
         state=TrialState.COMPLETE,
         **({"values": [val_accuracy, gap]} if tune.multi_objective else {"value": val_accuracy}),
         params=point, distributions=distributions(tune.space), user_attrs=attrs,
-        intermediate_values=curve, constraints=constraints)
+        intermediate_values=curve, constraints=constraints,
+        system_attrs={"constraints": list(constraints.values())} if constraints else None)
 
 
 def add(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:

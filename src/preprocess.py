@@ -50,15 +50,6 @@ def summarize(splits: dict[str, cifar.Split]) -> dict:
     }
 
 
-def load_split(processed: str | Path, name: str) -> cifar.Split:
-    """One split written by this stage (never unpickled)."""
-    path = Path(processed) / f"{name}.npz"
-    if not path.is_file():
-        raise cli.StageError(f"{path} is missing: run `dvc repro preprocess`")
-    with np.load(path, allow_pickle=False) as arrays:
-        return cifar.Split(arrays["images"], arrays["labels"])
-
-
 def preprocess(archive: str | Path, processed: str | Path, summary_path: str | Path,
                val_size: int, train_limit: int | None = None) -> dict:
     train, test = cifar.read_archive(archive)

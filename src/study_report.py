@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+from optuna_dashboard import save_note  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 
 from search_space import Tune, overrides  # noqa: E402
@@ -79,6 +80,45 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return study.best_trial
 
 
+# optuna-dashboard 0.21 reads a trial's constraints from the system attr "constraints" (a list,
+# Optuna's format before 5.0) while Optuna 5's `set_constraint` writes "constraints:<name>"; both
+# are written, and Optuna reads the list as constraint "0" beside "honest_gap", with one value.
+DASHBOARD_CONSTRAINTS = "constraints"
+
+
+def record_constraint(trial: optuna.Trial, gap: float, max_gap: float) -> float:
+    """The trial's `tune.max_gap` constraint (feasible when <= 0), where Optuna and
+    optuna-dashboard both read it; a note on the trial says whether it is feasible."""
+    value = gap - max_gap
+    trial.set_constraint("honest_gap", value)
+    trial.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS, [value])
+    save_note(trial, _feasibility(gap, max_gap))
+    return value
+
+
+def _feasibility(gap: float, max_gap: float) -> str:
+    verdict = "**feasible**" if gap <= max_gap else "**infeasible**"
+    sign = "<=" if gap <= max_gap else ">"
+    return f"{verdict}: honest gap {gap:.4f} {sign} tune.max_gap {max_gap}"
+
+
+def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial | None) -> None:
+    """What optuna-dashboard shows on the study page: its winner, or that it has none (the
+    dashboard's own "Best Trial" ignores constraints)."""
+    if tune.max_gap is None:
+        return
+    if best is None:
+        body = (f"**No winner**: no complete trial has an honest gap within tune.max_gap "
+                f"{tune.max_gap}. The \"Best Trial\" shown here ignores that constraint; "
+                "each trial's note says whether it is feasible.")
+    else:
+        body = (f"**Winner: trial {best.number}**, the best validation accuracy "
+                f"({_accuracy(best):.4f}) among trials with an honest gap within tune.max_gap "
+                f"{tune.max_gap} (its gap {best.user_attrs.get('honest_gap', float('nan')):.4f})."
+                " The \"Best Trial\" shown here ignores that constraint.")
+    save_note(study, body)
+
+
 def _tag_best(study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
     client = mlflow.tracking.MlflowClient()
     for trial in study.get_trials(deepcopy=False):
@@ -102,6 +142,7 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
     print(f"tune: study {study.study_name!r}: " +
           ", ".join(f"{n} {name}" for name, n in counts.items() if n))
     best = _best(study)
+    _study_note(study, tune, best)
     if best is None:
         if complete:
             print(f"tune: no complete trial meets tune.max_gap ({tune.max_gap}) yet")

@@ -43,6 +43,20 @@ def project_root(cwd: Path | None = None) -> Path:
     return cwd
 
 
+def store_uri() -> str:
+    """The tracking store: MLFLOW_TRACKING_URI, or the repository's mlflow.db."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def use_store() -> str:
+    """Point MLflow at the store without creating an experiment (readers: promote, predict)."""
+    uri = store_uri()
+    if uri.startswith(("http://", "https://")):
+        wait_for_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 SERVER_WAIT_S = 15  # how long a tracking server that does not answer is given
 
 
@@ -75,12 +89,10 @@ def configure(experiment: str, description: str = PIPELINE_DESCRIPTION) -> str:
     The experiment is marked as model training, so that the MLflow UI opens on its runs table
     (not the GenAI overview), and carries `description` unless someone wrote another one.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = store_uri()
     artifact_location = None
-    if not uri:
-        root = project_root()
-        uri = f"sqlite:///{root / 'mlflow.db'}"
-        artifact_location = (root / "mlruns").as_uri()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifact_location = (project_root() / "mlruns").as_uri()
     if uri.startswith(("http://", "https://")):
         wait_for_server(uri)
     mlflow.set_tracking_uri(uri)
@@ -114,8 +126,8 @@ def _git(*args: str) -> str | None:
 # The modules whose source decides what a run trains (the model, its inputs and augmentation, the
 # fit and its devices): the `code.training` tag is their digest, and `tune.py --add-run` counts a
 # run as a trial only when it was trained by the same code as the study's trials.
-TRAINING_CODE = ("augment.py", "dataset.py", "devices.py", "early_stopping.py", "model.py",
-                 "train.py")
+TRAINING_CODE = ("augment.py", "dataset.py", "devices.py", "early_stopping.py", "fitting.py",
+                 "model.py")
 CODE_TAG = "code.training"
 
 

@@ -38,10 +38,10 @@ import known_runs
 import progress
 import study_report
 import tracking
-from cifar import Split
-from evaluate import honest_gap
+from cifar import Split, load_split
+from fitting import fit
 from params import load_params, read_yaml, update_yaml
-from preprocess import load_split
+from scoring import final_scores
 from search_space import (
     Tune,
     as_nested,
@@ -52,7 +52,6 @@ from search_space import (
     trial_params,
 )
 from shared_study import make_study, parent_run_id, run_study
-from train import fit
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
                     "artifacts, the best trial as best.* tags and metrics), one nested run per "
@@ -86,16 +85,6 @@ class Pruning(keras.callbacks.Callback):
         self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
-
-
-def final_scores(result, train_split: Split, batch_size: int) -> tuple[float, float]:
-    """(validation accuracy, honest gap) of a trained model at the end of its run.
-
-    The saved model is the last epoch's, whose validation the history holds; the gap is
-    evaluate's: its accuracy in inference mode on all the images it trained on, minus that.
-    """
-    val_accuracy = result.history[-1]["val_accuracy"]
-    return val_accuracy, honest_gap(result.model, train_split, val_accuracy, batch_size)
 
 
 class Objective:
@@ -147,7 +136,7 @@ class Objective:
             scores = {"val_accuracy_final": val_accuracy, "honest_gap": gap,
                       "epochs_trained": len(result.history)}
             if self.tune.max_gap is not None:  # feasible when <= 0; Optuna's best is feasible
-                trial.set_constraint("honest_gap", gap - self.tune.max_gap)
+                study_report.record_constraint(trial, gap, self.tune.max_gap)
                 scores["gap_over_max"] = gap - self.tune.max_gap
             mlflow.log_metrics(scores)
             mlflow.set_tag("optuna.state", "COMPLETE")

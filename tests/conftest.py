@@ -173,8 +173,12 @@ def sh(*args: str, cwd: Path, check: bool = True, **extra_env: str
 @pytest.fixture
 def project(tmp_path, tiny_archive) -> Path:
     """A git + DVC copy of the project in tmp_path whose params read the tiny archive."""
+    return make_project(tmp_path / "project", tiny_archive)
+
+
+def make_project(root: Path, tiny_archive: tuple[Path, str]) -> Path:
+    """A git + DVC copy of the project at `root` whose params read the tiny archive."""
     archive, md5 = tiny_archive
-    root = tmp_path / "project"
     for name in PROJECT_FILES:
         source, target = ROOT / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cifar import load_split
 from conftest import sh, tool_env
 from params import update_yaml
-from preprocess import load_split
 
 BLOCK_TENSORFLOW = textwrap.dedent("""
     import sys

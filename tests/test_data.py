@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import cifar
+from cifar import load_split
 from conftest import make_archive
-from preprocess import load_split, preprocess, split
+from preprocess import preprocess, split
 
 
 def test_round_trip_of_the_record_layout():

@@ -55,6 +55,24 @@ def test_stage_deps_are_exactly_the_modules_its_script_imports(name):
         {"missing": [], "superfluous": []}
 
 
+STAGE_SCRIPTS = ("fetch", "preprocess", "train", "evaluate", "tune")
+
+
+@pytest.mark.parametrize("name", STAGE_SCRIPTS)
+def test_a_stage_imports_libraries_never_another_stage(name):
+    """A stage shares code through library modules: importing another stage's script would make
+    it depend on that stage's code (an edit of preprocess's summary would retrain the model)."""
+    imported = local_imports(ROOT / "src" / f"{name}.py") - {f"{name}.py"}
+    assert sorted(imported & {f"{other}.py" for other in STAGE_SCRIPTS}) == []
+
+
+def test_the_import_check_sees_a_stage_imported_through_a_library(tmp_path):
+    (tmp_path / "train.py").write_text("import fitting\n")
+    (tmp_path / "fitting.py").write_text("from preprocess import load_split\n")
+    (tmp_path / "preprocess.py").write_text("")
+    assert "preprocess.py" in local_imports(tmp_path / "train.py")
+
+
 def all_plots() -> dict[str, dict]:
     plots = {}
     for entry in DVC_YAML.get("plots", []):

@@ -10,8 +10,8 @@ import pytest
 import cifar
 import cli
 import fetch
+from cifar import load_split
 from conftest import sh
-from preprocess import load_split
 
 
 def test_user_error_is_one_line_and_exit_1(capsys):

@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cifar import Split
+from cifar import Split, load_split
 from conftest import ROOT, TINY, sh
 from params import load_params, parse_params, read_yaml, update_yaml, with_overrides
-from preprocess import load_split
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +131,21 @@ def test_exp_run_lands_in_the_same_store(project):
     assert by_name["one-epoch"].data.params["train.epochs"] == "1"
 
 
+def test_editing_preprocess_s_summary_reruns_preprocess_only(project):
+    """Stages share code through libraries, so train and evaluate do not depend on
+    src/preprocess.py: a change there reruns preprocess, whose data files come out the same."""
+    sh("dvc", "repro", cwd=project)
+    script = project / "src/preprocess.py"
+    script.write_text(script.read_text().replace(
+        '"train_pixel_std":', '"train_pixel_std":  # rounded to 6 places\n       ', 1))
+    status = json.loads(sh("dvc", "status", "--json", cwd=project).stdout)
+    assert sorted(status) == ["preprocess"], status
+    again = sh("dvc", "repro", cwd=project).stdout
+    assert "Running stage 'preprocess'" in again
+    assert "Running stage 'train'" not in again and "Running stage 'evaluate'" not in again
+    assert json.loads(sh("dvc", "status", "--json", cwd=project).stdout) == {}
+
+
 def test_going_back_to_earlier_params_restores_them_from_the_run_cache(project):
     sh("dvc", "repro", cwd=project)
     first = {path: (project / path).read_bytes() for path in OUTPUTS}
@@ -149,9 +163,9 @@ def test_going_back_to_earlier_params_restores_them_from_the_run_cache(project):
 
 def test_test_loss_is_plain_cross_entropy_whatever_the_training_loss():
     """Label smoothing and L2 change the training objective, not the reported test_loss."""
-    from evaluate import measure
+    from fitting import compile_model
     from model import build_model
-    from train import compile_model
+    from scoring import measure
 
     params = parse_params(with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
         "model.l2": 0.01, "train.label_smoothing": 0.2}))

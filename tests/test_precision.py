@@ -9,9 +9,10 @@ import pytest
 import devices
 from checkpoint import Checkpoint
 from conftest import ROOT, TINY
+from fitting import fit
 from params import parse_params, read_yaml, with_overrides
 from test_reliability import _blobs
-from train import fit, run_fingerprint
+from train import run_fingerprint
 
 PARAMS = parse_params(with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
     "train.epochs": 3, "train.deterministic": True, "train.batch_size": 32, "model.dropout": 0.25,

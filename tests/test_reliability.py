@@ -169,7 +169,7 @@ def test_bad_params_fail_before_keras_loads(project, stage):
 
 def test_nan_loss_stops_training_with_a_clear_error():
     from cli import StageError
-    from train import StopOnNaN
+    from fitting import StopOnNaN
 
     StopOnNaN().on_epoch_end(0, {"loss": 1.5})
     with pytest.raises(StageError, match="loss became nan in epoch 3"):
@@ -223,8 +223,8 @@ def _blobs(n: int, classes: int, seed: int) -> Split:
 def test_early_stopping_without_a_stop_reports_the_saved_model():
     """Patience on, no stop: the model fit returns (saved as models/model.keras, summarized in
     train.json from the last history row) is the last epoch's, not the best epoch's."""
-    from evaluate import measure
-    from train import fit
+    from fitting import fit
+    from scoring import measure
 
     params = parse_params(with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
         "train.epochs": 3, "train.early_stopping_patience": 5, "train.deterministic": True}))

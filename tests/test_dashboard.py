@@ -1,0 +1,67 @@
+"""What optuna-dashboard shows of a study with `tune.max_gap`: each trial's constraint and a note
+saying whether it is feasible, and a study note naming the winner or saying there is none."""
+
+from __future__ import annotations
+
+import io
+import json
+import wsgiref.util
+
+import optuna
+import pytest
+from optuna_dashboard import wsgi
+
+import study_report
+from conftest import ROOT
+from params import read_yaml, with_overrides
+from search_space import parse_tune
+
+TUNE = parse_tune(with_overrides(read_yaml(ROOT / "params.yaml"), {"tune.max_gap": 0.1}))
+
+
+def api(storage: str, path: str) -> dict:
+    """GET `path` from optuna-dashboard's own WSGI app, in process."""
+    environ = {"PATH_INFO": path, "QUERY_STRING": "after=0", "REQUEST_METHOD": "GET",
+               "wsgi.input": io.BytesIO()}
+    wsgiref.util.setup_testing_defaults(environ)
+    status = []
+    body = b"".join(wsgi(storage)(environ, lambda s, headers, *_: status.append(s)))
+    assert status[0].startswith("200"), status
+    return json.loads(body)
+
+
+def study_with_gaps(tmp_path, gaps: list[float]) -> tuple[str, optuna.Study]:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=storage, study_name="gaps", direction="maximize")
+
+    def objective(trial):
+        gap = gaps[trial.number]
+        study_report.record_constraint(trial, gap, TUNE.max_gap)
+        trial.set_user_attr("honest_gap", gap)
+        return 0.5 + trial.number / 10  # the last trial has the best accuracy
+
+    study.optimize(objective, n_trials=len(gaps))
+    return storage, study
+
+
+@pytest.mark.parametrize(("gaps", "winner"), [([0.05, 0.3], 0), ([0.2, 0.3], None)])
+def test_the_dashboard_shows_feasibility_and_the_winner(tmp_path, gaps, winner):
+    storage, study = study_with_gaps(tmp_path, gaps)
+    best = study_report._best(study)
+    assert (best.number if best else None) == winner
+    study_report._study_note(study, TUNE, best)
+    detail = api(storage, f"/api/studies/{study._study_id}")
+    trials = {t["number"]: t for t in detail["trials"]}
+    for number, gap in enumerate(gaps):
+        assert trials[number]["constraints"] == [pytest.approx(gap - TUNE.max_gap)]
+        verdict = "**feasible**" if gap <= TUNE.max_gap else "**infeasible**"
+        assert trials[number]["note"]["body"].startswith(f"{verdict}: honest gap {gap:.4f}")
+    note = detail["note"]["body"]
+    if winner is None:
+        assert note.startswith("**No winner**: no complete trial has an honest gap within "
+                               "tune.max_gap 0.1")
+    else:
+        assert note.startswith(f"**Winner: trial {winner}**")
+    # Optuna itself reads the same constraint: feasibility is one fact in both
+    assert [all(v <= 0 for v in t.constraints.values()) for t in study.trials] == \
+        [gap <= TUNE.max_gap for gap in gaps]
