@@ -327,7 +327,7 @@ def report(results: dict) -> None:
           f"precision {results['A']['runs'][0]['policy']}")
     print(f"  data: {config['data']}; {config['train_images']} train / {config['val_images']} val "
           f"images, batch {config['batch_size']} -> {config['steps_per_epoch']} steps per epoch, "
-          f"{config['epochs']} epochs x {config['rounds']} rounds (A B alternating, "
+          f"{config['epochs']} epochs x {config['rounds']} rounds (A B C alternating, "
           "each run in a fresh process)")
     a = results["A"]
     print(f"training throughput: training images / epoch wall time (train + validation), "

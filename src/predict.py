@@ -74,6 +74,10 @@ def load_predictor(uri: str):
         model = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as error:
         raise cli.UserError(f"--model {uri}: {str(error).splitlines()[0]}") from None
+    import keras
+
+    # the Keras flavor predicts with Keras' progress bar, which would mix into stdout (--json)
+    keras.utils.disable_interactive_logging()
     return lambda images: np.asarray(model.predict(images))
 
 

@@ -122,9 +122,9 @@ def promote(name: str, version: str) -> tuple[ModelVersion | None, ModelVersion]
     """Point `champion` at `version`; return (the previous champion, the new one)."""
     client = mlflow.tracking.MlflowClient()
     try:
-        target = client.get_model_version(name, version)
+        target = client.get_model_version(name, str(version))
     except MlflowException:
-        known = ", ".join(v.version for v in versions(name)) or "none"
+        known = ", ".join(str(v.version) for v in versions(name)) or "none"
         raise UserError(f"{name!r} has no version {version} (versions: {known})") from None
     before = champion(name)
     client.set_registered_model_alias(name, ALIAS, target.version)

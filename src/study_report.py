@@ -46,23 +46,49 @@ def _save(axes_or_figure, path: Path) -> None:
     plt.close(figure)
 
 
-def _plots(study: optuna.Study, complete: list, folder: Path) -> None:
+IMPORTANCE_MIN_TRIALS = 10  # fewer: the sampler has hardly varied the parameters yet
+
+
+def _placeholder(text: str, path: Path) -> None:
+    figure, axes = plt.subplots()
+    axes.axis("off")
+    axes.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    _save(figure, path)
+
+
+def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
+           best: optuna.trial.FrozenTrial | None) -> None:
     multi = len(study.directions) > 1
-    target = {"target": _accuracy, "target_name": "val accuracy"} if multi else {}
+    target = {"target": _accuracy, "target_name": "val_accuracy"} if multi else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        _save(optuna.visualization.matplotlib.plot_optimization_history(study, **target),
-              folder / "optimization_history.png")
-        if len(complete) >= 2:
+        history = optuna.visualization.matplotlib.plot_optimization_history(study, **target)
+        history.set_ylabel(study.metric_names[0] if study.metric_names else "val_accuracy")
+        _save(history, folder / "optimization_history.png")
+        if len(complete) >= IMPORTANCE_MIN_TRIALS:
             _save(optuna.visualization.matplotlib.plot_param_importances(study, **target),
                   folder / "param_importances.png")
+        else:
+            _placeholder(f"Parameter importances need {IMPORTANCE_MIN_TRIALS} complete trials "
+                         f"(this study has {len(complete)}):\nwith fewer, most parameters have "
+                         "hardly been varied and their importances mean nothing.",
+                         folder / "param_importances.png")
     figure, axes = plt.subplots()
     front = {t.number for t in study.best_trials} if multi else set()
     for trial in complete:
-        axes.scatter(trial.user_attrs.get("honest_gap"), _accuracy(trial),
-                     color="tab:red" if trial.number in front else "tab:blue")
-        axes.annotate(str(trial.number), (trial.user_attrs.get("honest_gap"), _accuracy(trial)),
-                      fontsize=7)
+        gap, accuracy = trial.user_attrs.get("honest_gap"), _accuracy(trial)
+        axes.scatter(gap, accuracy, s=25, color="tab:red" if trial.number in front else "tab:blue")
+        axes.annotate(str(trial.number), (gap, accuracy), fontsize=6, alpha=0.7,
+                      xytext=(3, 3), textcoords="offset points")
+    if best is not None:
+        axes.scatter(best.user_attrs.get("honest_gap"), _accuracy(best), s=160,
+                     facecolors="none", edgecolors="tab:green", linewidths=2,
+                     label=f"winner: trial {best.number}")
+    if tune.max_gap is not None:
+        axes.axvline(tune.max_gap, color="tab:gray", linestyle="--",
+                     label=f"tune.max_gap {tune.max_gap} (feasible: left of it)")
+    if best is not None or tune.max_gap is not None:
+        axes.legend(loc="lower right", fontsize=8)
     axes.set(xlabel="honest gap (train acc. in inference mode - val acc.)",
              ylabel="validation accuracy", title="Trials: accuracy against gap")
     axes.grid(alpha=0.3)
@@ -133,15 +159,17 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     mlflow.log_metrics({f"trials_{name}": n for name, n in counts.items()})
+    best = _best(study)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
         if complete:
-            _plots(study, complete, folder)
+            _plots(study, complete, folder, tune, best)
         mlflow.log_artifacts(tmp, artifact_path="study")
+    queued = (f" ({counts['waiting']} waiting: queued points that a later invocation with a "
+              "larger --n-trials trains)") if counts.get("waiting") else ""
     print(f"tune: study {study.study_name!r}: " +
-          ", ".join(f"{n} {name}" for name, n in counts.items() if n))
-    best = _best(study)
+          ", ".join(f"{n} {name}" for name, n in counts.items() if n) + queued)
     _study_note(study, tune, best)
     if best is None:
         if complete:

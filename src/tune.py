@@ -184,7 +184,14 @@ def tune(args: argparse.Namespace) -> dict:
         return {}
     atomic.write_text(params.paths.best_params, study_report.yaml_text(as_nested(best)))
     print(f"tune: best params written to {params.paths.best_params}")
-    print(f"tune: reproduce with: {exp_run_command(best)}")
+    trial_length = {"train.epochs": tune_settings.epochs}
+    if tune_settings.train_limit:
+        trial_length["data.train_limit"] = tune_settings.train_limit
+    full = f"train.epochs {params.train.epochs}, " + (
+        f"{params.data.train_limit} images" if params.data.train_limit else "all images")
+    print(f"tune: the winner as its trial trained ({tune_settings.epochs} epochs, "
+          f"{len(train_split)} images): {exp_run_command({**best, **trial_length})}")
+    print(f"tune: the winner at the pipeline's length ({full}): {exp_run_command(best)}")
     if args.apply:
         update_yaml("params.yaml", best)
         print("tune: params.yaml updated; `dvc repro` trains the winner")

@@ -153,6 +153,7 @@ def test_a_trial_is_scored_under_the_policy_it_trained_in(tmp_path, monkeypatch)
     import mlflow
 
     import cifar
+    import scoring
     from conftest import TINY
 
     raw = with_overrides(RAW, TINY | {"train.mixed_precision": "on", "train.epochs": 1})
@@ -161,13 +162,13 @@ def test_a_trial_is_scored_under_the_policy_it_trained_in(tmp_path, monkeypatch)
     split = cifar.Split(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
                         rng.integers(0, 10, 64).astype(np.uint8))
     seen = []
-    real_gap = tune_script.honest_gap
+    real_gap = scoring.honest_gap
 
     def spy(model, data, val_accuracy, batch_size):
         seen.append(keras.mixed_precision.global_policy().name)
         return real_gap(model, data, val_accuracy, batch_size)
 
-    monkeypatch.setattr(tune_script, "honest_gap", spy)
+    monkeypatch.setattr(scoring, "honest_gap", spy)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("scoring")
     study = optuna.create_study(directions=["maximize", "minimize"])
