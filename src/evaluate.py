@@ -4,10 +4,14 @@
 
 The honest generalization gap is the accuracy on the training images evaluated in inference mode
 (no dropout, no augmentation) minus the validation accuracy; the in-training gap from the history
-(`final_gap`, `worst_gap`) understates it once dropout or augmentation is on. Writes
-`reports/metrics.json`, `reports/confusion.csv` (one row per test image, for `dvc plots`) and PNG
-figures, and logs them to the MLflow run that `train` opened, whose model it then registers as a
-new version of the registered model `mlflow.experiment` (registry.py). `test_loss` and
+(`gap` per epoch, `worst_gap` its largest) understates it once dropout or augmentation is on.
+`train_accuracy_inference` is that accuracy on the training images; the history's `accuracy` is
+the one measured while training (dropout and augmentation on). Writes `reports/metrics.json`,
+`reports/per_class.json` (test accuracy per class), `reports/confusion.csv` (one row per test
+image, for `dvc plots`) and PNG figures, and logs them to the MLflow run that `train` opened, with
+a description (key figures, what differs from the seed), whose model it then registers as a new
+version of the registered model `mlflow.experiment` (registry.py). Figures are rounded to 6
+places. `test_loss` and
 `val_loss` are plain categorical cross-entropy (no label smoothing, no weight decay), so they
 compare across configurations; the training history's losses are the objective as trained.
 """
@@ -58,6 +62,15 @@ def training_run(train_run: str) -> str:
     return run_id
 
 
+KEY_FIGURES = ("test_accuracy", "honest_gap", "val_accuracy")
+
+
+def description(logged_params: dict[str, str], metrics: dict[str, float]) -> str:
+    """The run's description in the MLflow UI: its key figures and what differs from the seed."""
+    figures = ", ".join(f"{key} {metrics[key]:.4f}" for key in KEY_FIGURES)
+    return f"{figures}. {registry.describe(logged_params)}"
+
+
 def evaluate(params: Params) -> dict:
     backend.check(params.train.backend)
     paths, batch = params.paths, params.evaluate.batch_size
@@ -75,13 +88,12 @@ def evaluate(params: Params) -> dict:
     matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
     np.add.at(matrix, (test.labels, predicted), 1)
     history = pd.read_csv(paths.history)
-    metrics = {  # in the order `dvc exp show` shows them: the figures compared first
+    metrics = tracking.rounded({  # in the order `dvc exp show` shows them: compared first
         "test_accuracy": test_acc, "honest_gap": train_acc - val_acc, "val_accuracy": val_acc,
-        "test_loss": test_loss, "val_loss": val_loss, "train_accuracy": train_acc,
-        "final_gap": float(history["gap"].iloc[-1]), "worst_gap": float(history["gap"].max()),
-        "per_class_accuracy": {cls: float(matrix[i, i] / max(1, matrix[i].sum()))
-                               for i, cls in enumerate(CLASSES)},
-    }
+        "test_loss": test_loss, "val_loss": val_loss, "train_accuracy_inference": train_acc,
+        "worst_gap": float(history["gap"].max())})
+    per_class = tracking.rounded({f"test_accuracy.{cls}": matrix[i, i] / max(1, matrix[i].sum())
+                                  for i, cls in enumerate(CLASSES)})
     confusion = pd.DataFrame({"actual": [CLASSES[i] for i in test.labels],
                               "predicted": [CLASSES[i] for i in predicted]})
     with atomic.atomic_path(paths.confusion) as tmp:
@@ -90,17 +102,20 @@ def evaluate(params: Params) -> dict:
         figures.learning_curves(history, tmp / "learning_curves.png")
         figures.confusion_matrix(matrix, CLASSES, tmp / "confusion_matrix.png")
     atomic.write_json(paths.metrics, metrics)
+    # a file of its own, not a metrics file: ten columns that would push the params a user
+    # compares off `dvc exp show`; flattened, its keys are the MLflow metrics' names
+    atomic.write_json(paths.per_class, {"test_accuracy": {
+        key.partition(".")[2]: value for key, value in per_class.items()}})
 
-    with tracking.run(run_id=run_id):
+    with tracking.run(run_id=run_id) as run:
         # val_loss/val_accuracy already have one point per epoch from train (val_loss there is
         # the objective as trained, with label smoothing and L2)
         mlflow.log_metrics({key: value for key, value in metrics.items()
-                            if not isinstance(value, dict) and key not in ("val_loss",
-                                                                            "val_accuracy")})
-        mlflow.log_metrics({f"test_accuracy.{cls}": value
-                            for cls, value in metrics["per_class_accuracy"].items()})
+                            if key not in ("val_loss", "val_accuracy")} | per_class)
+        mlflow.set_tag(tracking.NOTE, description(run.data.params, metrics))
         mlflow.log_artifacts(paths.figures, artifact_path="figures")
         mlflow.log_artifact(paths.metrics)
+        mlflow.log_artifact(paths.per_class)
         mlflow.log_artifact(paths.confusion)
     registered = registry.register(run_id, params.mlflow.experiment, metrics)
     version = registered.version
@@ -115,6 +130,9 @@ def main() -> None:
     metrics = evaluate(load_params())
     print(f"evaluate: test_accuracy {metrics['test_accuracy']:.4f}, "
           f"honest_gap {metrics['honest_gap']:.4f}")
+    experiment = mlflow.get_experiment_by_name(load_params().mlflow.experiment)
+    print(f"evaluate: runs in the MLflow UI (`mlflow ui`): "
+          f"{tracking.runs_url(experiment.experiment_id)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage `fetch`: download the CIFAR-10 binary archive into data/raw/, verified, atomically.
 
-    python src/fetch.py      # reads `data.source`, `data.md5`, `paths.archive` from params.yaml
+    python src/fetch.py      # reads `data.source`, `data.md5`, `paths.archive` (dvc.yaml)
 
 `data.source` is an http(s) URL, a `file://` URL or a local path. The bytes go to `<archive>.part`
 first; only once their md5 matches `data.md5` are they moved to the final path. An interrupted HTTP

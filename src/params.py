@@ -40,9 +40,25 @@ class Paths(_Section):
     history: str
     train_run: str
     metrics: str
+    per_class: str
     confusion: str
     figures: str
     best_params: str
+
+
+PIPELINE = Path(__file__).resolve().parents[1] / "dvc.yaml"
+
+
+def pipeline_paths() -> Paths:
+    """The paths that dvc.yaml's `vars` name (not params: they never vary, and DVC would show
+    every param in `dvc exp show`)."""
+    try:
+        found = [item["paths"] for item in read_yaml(PIPELINE).get("vars", [])
+                 if isinstance(item, dict) and "paths" in item]
+        return Paths.model_validate(found[0])
+    except (AttributeError, IndexError, TypeError, ValidationError) as error:
+        raise ParamsError(f"{PIPELINE.name}: vars: paths: missing or not the pipeline's paths "
+                          f"({type(error).__name__})") from None
 
 
 class Data(_Section):
@@ -94,7 +110,7 @@ class Mlflow(_Section):
 
 class Params(_Section):
     seed: Annotated[int, Field(ge=0, lt=2**31)]
-    paths: Paths
+    paths: Paths = Field(default_factory=pipeline_paths)  # from dvc.yaml
     data: Data
     model: Model
     augment: Augment

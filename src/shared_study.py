@@ -101,7 +101,7 @@ def make_study(tune: Tune, known: Sequence[optuna.trial.FrozenTrial] = ()) -> op
     return study
 
 
-def parent_run_id(study: optuna.Study, tune: Tune, experiment: str) -> str:
+def parent_run_id(study: optuna.Study, tune: Tune, experiment: str, train_images: int) -> str:
     """The study's one MLflow parent run in the current experiment, created by the first worker.
 
     Under the study lock: workers started together find the run the first one made. The study's
@@ -125,7 +125,7 @@ def parent_run_id(study: optuna.Study, tune: Tune, experiment: str) -> str:
             run = client.create_run(experiment_id, run_name=name,
                                     tags={"optuna.study": name, "optuna.role": "study"})
         study.set_user_attr("mlflow_run_id", run.info.run_id)
-        settings = study_settings(tune)
+        settings = study_settings(tune, train_images)
         new = {k: v for k, v in settings.items() if k not in run.data.params}
         if new:
             client.log_batch(run.info.run_id, params=[
@@ -133,11 +133,12 @@ def parent_run_id(study: optuna.Study, tune: Tune, experiment: str) -> str:
     return run.info.run_id
 
 
-def study_settings(tune: Tune) -> dict[str, str]:
-    """What defines the study's trials, as the parent run's params."""
+def study_settings(tune: Tune, train_images: int) -> dict[str, str]:
+    """What defines the study's trials, as the parent run's params: `tune.train_limit` is the
+    number of training images each trial uses (fewer than configured when fewer exist)."""
     return {"tune.sampler": tune.sampler, "tune.pruner": tune.pruner,
-            "tune.epochs": str(tune.epochs), "tune.train_limit": str(tune.train_limit),
-            "tune.min_epochs": str(tune.min_epochs),
+            "tune.epochs": str(tune.epochs), "tune.train_limit": str(train_images),
+            "tune.max_gap": json.dumps(tune.max_gap), "tune.min_epochs": str(tune.min_epochs),
             "tune.objectives": ",".join(metric_names(tune)),
             "tune.space": json.dumps({key: spec.model_dump(exclude_defaults=True)
                                       for key, spec in tune.space.items()})}

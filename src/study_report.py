@@ -2,9 +2,10 @@
 
 A table of all trials (CSV), the optimization history, the parameter importances and validation
 accuracy against the honest gap (PNGs); the best trial's MLflow run is tagged `optuna.best=true`.
-The parent run gets the best trial's number, values and params (`best.<key>` tags; metrics too
-where numeric). Returns the best point: the highest validation accuracy (on the Pareto front
-when the study is multi-objective).
+The parent run gets the best trial's number and params as tags (`optuna.best_trial`,
+`best.<key>`) and its scores as metrics (`best_val_accuracy`, `best_honest_gap`). Returns the
+best point: the highest validation accuracy (on the Pareto front when the study is
+multi-objective).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from optuna.trial import TrialState  # noqa: E402
 from optuna_dashboard import save_note  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 
+import tracking  # noqa: E402
 from search_space import Tune, overrides  # noqa: E402
 
 
@@ -78,8 +80,14 @@ def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
     for trial in complete:
         gap, accuracy = trial.user_attrs.get("honest_gap"), _accuracy(trial)
         axes.scatter(gap, accuracy, s=25, color="tab:red" if trial.number in front else "tab:blue")
-        axes.annotate(str(trial.number), (gap, accuracy), fontsize=6, alpha=0.7,
-                      xytext=(3, 3), textcoords="offset points")
+    # numbers on the trials worth finding only (the winner, the Pareto front): on every point
+    # they overlap where trials score alike; trials.csv has every trial's figures
+    labelled = front | ({best.number} if best is not None else set())
+    for trial in complete:
+        if trial.number in labelled:
+            axes.annotate(f"trial {trial.number}", (trial.user_attrs.get("honest_gap"),
+                                                    _accuracy(trial)),
+                          fontsize=8, xytext=(6, 6), textcoords="offset points")
     if best is not None:
         axes.scatter(best.user_attrs.get("honest_gap"), _accuracy(best), s=160,
                      facecolors="none", edgecolors="tab:green", linewidths=2,
@@ -177,14 +185,13 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
         return None
     _tag_best(study, best)
     point = overrides({key: best.params[key] for key in tune.space}, tune)  # as trained
-    # tags and metrics, not params: the best trial changes as the study goes on
+    # not params: the best trial changes as the study goes on. Its point as tags (values of
+    # any type, once each), its scores as metrics (figures, rounded as evaluate rounds them)
     mlflow.set_tags({"optuna.best_trial": str(best.number),
                      **{f"best.{key}": str(value) for key, value in point.items()}})
-    mlflow.log_metrics({"best_val_accuracy": _accuracy(best),
-                        "best_honest_gap": best.user_attrs.get("honest_gap", float("nan")),
-                        "best_trial": best.number,
-                        **{f"best.{key}": float(value) for key, value in point.items()
-                           if isinstance(value, int | float) and not isinstance(value, bool)}})
+    mlflow.log_metrics(tracking.rounded({
+        "best_val_accuracy": _accuracy(best),
+        "best_honest_gap": best.user_attrs.get("honest_gap", float("nan"))}))
     if len(study.directions) > 1:
         print("tune: Pareto front (trial: val accuracy, honest gap):")
         for trial in sorted(study.best_trials, key=_accuracy, reverse=True):

@@ -28,11 +28,28 @@ from ruamel.yaml import YAML, YAMLError
 from cli import Terminated, UserError
 from dblock import DatabaseLock
 
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # as the MLflow UI reads
-NOTE = "mlflow.note.content"  # the experiment's description in the UI
+# MLflow 3.17's UI ignores this tag (it opens on the GenAI view unless the URL's workflowType or
+# the browser's last choice says machine_learning: see runs_url); older and other UIs read it
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+NOTE = "mlflow.note.content"  # the experiment's (and a run's) description in the UI
+# The runs table's view that runs_url opens: the UI loads the experiment tag
+# `mlflow.sharedViewState.<key>` (JSON) named by the URL's viewStateShareKey
+VIEW_KEY = "pipeline-columns"
+PIPELINE_COLUMNS = ("metrics.test_accuracy", "metrics.honest_gap", "metrics.val_accuracy",
+                    "params.train.epochs", "params.model.dropout", "params.train.learning_rate",
+                    "params.train.batch_size", "params.augment.flip", "params.augment.crop",
+                    "params.augment.cutout", "params.augment.mixup", "params.augment.cutmix")
 PIPELINE_DESCRIPTION = (
     "Runs of the DVC pipeline (`dvc repro`, `dvc exp run`): one run per training, named after "
     "the DVC experiment or the commit and changed params; evaluation adds the test metrics.")
+
+
+DIGITS = 6  # logged figures, rounded: a difference of accuracies is 0.01, not 0.010000000000000009
+
+
+def rounded(figures: dict[str, float]) -> dict[str, float]:
+    """Figures as logged and written: to DIGITS places, which every accuracy and loss keeps."""
+    return {key: round(float(value), DIGITS) for key, value in figures.items()}
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -83,11 +100,32 @@ def wait_for_server(uri: str, seconds: float = SERVER_WAIT_S) -> None:
         time.sleep(1)
 
 
-def configure(experiment: str, description: str = PIPELINE_DESCRIPTION) -> str:
+def table_view(columns: tuple[str, ...]) -> str:
+    """The runs table's view (JSON, as the UI shares views) showing `columns`
+    (`metrics.<key>`, `params.<key>`, `tags.<key>`), sorted by the first."""
+    import json
+
+    selected = [f"{kind}.`{key}`" for kind, _, key in (c.partition(".") for c in columns)]
+    return json.dumps({"selectedColumns": selected, "orderByKey": selected[0],
+                       "orderByAsc": False})
+
+
+def runs_url(experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI (`mlflow ui`, or the tracking server), on
+    model training (MLflow 3.17 opens on GenAI traces without workflowType) with the key
+    columns."""
+    uri = store_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
+
+
+def configure(experiment: str, description: str = PIPELINE_DESCRIPTION,
+              columns: tuple[str, ...] = PIPELINE_COLUMNS) -> str:
     """Point MLflow at the store, select `experiment` (created if needed); return the store URI.
 
-    The experiment is marked as model training, so that the MLflow UI opens on its runs table
-    (not the GenAI overview), and carries `description` unless someone wrote another one.
+    The experiment carries `description` unless someone wrote another one, and the runs table's
+    view of `columns` that runs_url opens.
     """
     uri = store_uri()
     artifact_location = None
@@ -98,7 +136,8 @@ def configure(experiment: str, description: str = PIPELINE_DESCRIPTION) -> str:
     mlflow.set_tracking_uri(uri)
     # the first access creates or migrates the store's schema: one process at a time
     with DatabaseLock(uri, "mlflow-store"):
-        tags = {**EXPERIMENT_TAGS, NOTE: description}
+        tags = {**EXPERIMENT_TAGS, NOTE: description,
+                f"mlflow.sharedViewState.{VIEW_KEY}": table_view(columns)}
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
             try:

@@ -24,6 +24,7 @@ import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
 # isort: split
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import get_args
@@ -54,8 +55,16 @@ from search_space import (
 from shared_study import make_study, parent_run_id, run_study
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
-                    "artifacts, the best trial as best.* tags and metrics), one nested run per "
-                    "trial.")
+                    "artifacts, the best trial's point as best.* tags and its scores as "
+                    "best_* metrics), one nested run per trial (optuna.feasible: within "
+                    "tune.max_gap).")
+
+
+# the runs table's columns in the MLflow UI (tracking.runs_url)
+TUNE_COLUMNS = ("metrics.val_accuracy_final", "metrics.honest_gap", "tags.optuna.feasible",
+                "tags.optuna.state", "params.model.dropout", "params.train.learning_rate",
+                "params.train.batch_size", "params.augment.cutout", "params.augment.mixup",
+                "params.augment.cutmix")
 
 
 class TimeoutReached(Exception):
@@ -133,11 +142,13 @@ class Objective:
                 raise
             finally:
                 keras.backend.clear_session()
-            scores = {"val_accuracy_final": val_accuracy, "honest_gap": gap,
-                      "epochs_trained": len(result.history)}
+            scores = tracking.rounded({"val_accuracy_final": val_accuracy, "honest_gap": gap,
+                                       "epochs_trained": len(result.history)})
             if self.tune.max_gap is not None:  # feasible when <= 0; Optuna's best is feasible
                 study_report.record_constraint(trial, gap, self.tune.max_gap)
-                scores["gap_over_max"] = gap - self.tune.max_gap
+                scores["gap_over_max"] = round(gap - self.tune.max_gap, tracking.DIGITS)
+            feasible = self.tune.max_gap is None or gap <= self.tune.max_gap
+            mlflow.set_tag("optuna.feasible", str(feasible).lower())
             mlflow.log_metrics(scores)
             mlflow.set_tag("optuna.state", "COMPLETE")
             for key, value in scores.items():
@@ -159,43 +170,64 @@ def tune(args: argparse.Namespace) -> dict:
     if not (processed / "train.npz").is_file():
         raise cli.StageError(f"{processed}/train.npz is missing: run `dvc repro preprocess`")
     train_split = load_split(processed, "train")
+    full_images = len(train_split)  # what the pipeline trains on at its current params
     if tune_settings.train_limit:
         limit = tune_settings.train_limit
         train_split = Split(train_split.images[:limit], train_split.labels[:limit])
     val_split = load_split(processed, "val")
 
     experiment = f"{params.mlflow.experiment}-tune"
-    tracking.configure(experiment, TUNE_DESCRIPTION)
+    tracking.configure(experiment, TUNE_DESCRIPTION, TUNE_COLUMNS)
     known = [known_runs.as_trial(known_runs.find_run(name, params.mlflow.experiment), raw,
                                  tune_settings, len(train_split), len(val_split),
                                  allow_other_code=args.allow_other_code)
              for name in args.add_run]
     study = make_study(tune_settings, known)
     objective = Objective(raw, tune_settings, train_split, val_split)
-    with tracking.run(run_id=parent_run_id(study, tune_settings, experiment)):
+    with tracking.run(run_id=parent_run_id(study, tune_settings, experiment,
+                                           len(train_split))):
         # tags, not params: a rerun of the study may ask for another budget
-        mlflow.set_tags({f"tune.{k}": str(v) for k, v in tune_settings.model_dump().items()
-                         if k not in ("space", "storage")})
+        mlflow.set_tags(invocation_tags(tune_settings, len(train_split)))
         if not args.report_only:
             run_study(study, objective, tune_settings)
         best = study_report.report(study, tune_settings)
+    found = mlflow.get_experiment_by_name(experiment)
+    print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
     if best is None:
         print("tune: no winner yet: no complete trial meets the constraints")
         return {}
     atomic.write_text(params.paths.best_params, study_report.yaml_text(as_nested(best)))
     print(f"tune: best params written to {params.paths.best_params}")
-    trial_length = {"train.epochs": tune_settings.epochs}
-    if tune_settings.train_limit:
-        trial_length["data.train_limit"] = tune_settings.train_limit
-    full = f"train.epochs {params.train.epochs}, " + (
-        f"{params.data.train_limit} images" if params.data.train_limit else "all images")
-    print(f"tune: the winner as its trial trained ({tune_settings.epochs} epochs, "
-          f"{len(train_split)} images): {exp_run_command({**best, **trial_length})}")
-    print(f"tune: the winner at the pipeline's length ({full}): {exp_run_command(best)}")
+    for line in winner_commands(best, tune_settings.epochs, len(train_split), full_images,
+                                params.train.epochs):
+        print(f"tune: {line}")
     if args.apply:
         update_yaml("params.yaml", best)
         print("tune: params.yaml updated; `dvc repro` trains the winner")
     return best
+
+
+def invocation_tags(tune: Tune, train_images: int) -> dict[str, str]:
+    """This invocation's settings as the parent run's `tune.*` tags: lists and mappings as JSON,
+    and the training images each trial actually uses (fewer than `tune.train_limit` when fewer
+    exist)."""
+    tags = {f"tune.{key}": value if isinstance(value, str) else json.dumps(value)
+            for key, value in tune.model_dump(mode="json").items()
+            if key not in ("space", "storage")}
+    return tags | {"tune.train_limit": str(train_images)}
+
+
+def winner_commands(best: dict, trial_epochs: int, trial_images: int, pipeline_images: int,
+                    pipeline_epochs: int) -> list[str]:
+    """The commands that train the winner: as its trial trained (its epochs and the images it
+    actually used, which may be fewer than `tune.train_limit`) and at the pipeline's length."""
+    trial_length = {"train.epochs": trial_epochs}
+    if trial_images != pipeline_images:
+        trial_length["data.train_limit"] = trial_images
+    return [f"the winner as its trial trained ({trial_epochs} epochs, {trial_images} images): "
+            f"{exp_run_command({**best, **trial_length})}",
+            f"the winner at the pipeline's length ({pipeline_epochs} epochs, {pipeline_images} "
+            f"images): {exp_run_command(best)}"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -65,3 +65,20 @@ def test_the_dashboard_shows_feasibility_and_the_winner(tmp_path, gaps, winner):
     # Optuna itself reads the same constraint: feasibility is one fact in both
     assert [all(v <= 0 for v in t.constraints.values()) for t in study.trials] == \
         [gap <= TUNE.max_gap for gap in gaps]
+
+
+def test_the_accuracy_gap_figure_labels_the_winner_only(tmp_path, monkeypatch):
+    # a number beside every point overlapped wherever trials scored alike
+    storage, study = study_with_gaps(tmp_path, [0.05, 0.06, 0.07, 0.3, 0.3])
+    best = study_report._best(study)
+    labels = {}
+
+    def keep_labels(figure, path):
+        figure = getattr(figure, "figure", figure)
+        labels[path.name] = [text.get_text() for axes in figure.axes for text in axes.texts]
+        study_report.plt.close(figure)
+
+    monkeypatch.setattr(study_report, "_save", keep_labels)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    study_report._plots(study, complete, tmp_path, TUNE, best)
+    assert labels["accuracy_vs_gap.png"] == [f"trial {best.number}"] == ["trial 2"]

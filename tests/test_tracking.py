@@ -3,6 +3,7 @@ params, experiments that open on the runs table, stage logs free of terminal cod
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -27,7 +28,7 @@ def pipeline_runs(project) -> list:
 
 def test_runs_are_named_after_the_experiment_or_the_commit_and_params(project):
     commit = sh("git", "rev-parse", "--short", "HEAD", cwd=project).stdout.strip()
-    sh("dvc", "repro", cwd=project)
+    out = sh("dvc", "repro", cwd=project).stdout
     update_yaml(project / "params.yaml", {"model.dropout": 0.2})
     sh("dvc", "repro", cwd=project)
     sh("dvc", "exp", "run", "-S", "model.dropout=0.3", "-n", "more-dropout", cwd=project)
@@ -36,9 +37,17 @@ def test_runs_are_named_after_the_experiment_or_the_commit_and_params(project):
     assert names == [commit, f"{commit}-dirty dropout=0.2", "more-dropout"]
 
     experiment = mlflow.tracking.MlflowClient().get_experiment_by_name("cifar10-alexnet")
-    # what the MLflow UI reads to open the runs table (not the GenAI overview)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "dvc repro" in experiment.tags["mlflow.note.content"]
+    # MLflow 3.17's UI opens on GenAI traces unless the URL says workflowType=machine_learning;
+    # the view the URL names shows the key figures as columns
+    url = (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+           "?workflowType=machine_learning&viewStateShareKey=pipeline-columns")
+    assert f"evaluate: runs in the MLflow UI (`mlflow ui`): {url}" in out
+    view = json.loads(experiment.tags["mlflow.sharedViewState.pipeline-columns"])
+    assert view["selectedColumns"][:3] == ["metrics.`test_accuracy`", "metrics.`honest_gap`",
+                                           "metrics.`val_accuracy`"]
+    assert "params.`model.dropout`" in view["selectedColumns"]
 
 
 def test_train_stage_log_has_no_terminal_codes(project):

@@ -75,14 +75,19 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
     assert parent.info.run_name == "regularization"
     settings = parent.data.params
     assert settings["tune.epochs"] == "2" and settings["tune.sampler"] == "tpe"
-    limit = read_yaml(tuned / "params.yaml")["tune"]["train_limit"]
-    assert settings["tune.pruner"] == "none" and settings["tune.train_limit"] == str(limit)
+    # the images each trial used: the project has fewer than tune.train_limit
+    assert read_yaml(tuned / "params.yaml")["tune"]["train_limit"] > 240
+    assert settings["tune.pruner"] == "none" and settings["tune.train_limit"] == "240"
+    assert parent.data.tags["tune.train_limit"] == "240"
+    assert settings["tune.max_gap"] == "null"
     assert json.loads(settings["tune.space"]) == SMALL_SPACE
     best_trial = study.best_trial
     assert parent.data.tags["best.train.batch_size"] == str(best_trial.params["train.batch_size"])
-    assert parent.data.metrics["best.model.dropout"] == pytest.approx(
+    assert float(parent.data.tags["best.model.dropout"]) == pytest.approx(
         best_trial.params["model.dropout"])
+    assert not any(key.startswith("best.") for key in parent.data.metrics)  # tags only
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best_trial.value)
+    assert "240 images): dvc exp run -S" in out.stdout and "data.train_limit" not in out.stdout
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(study.trials)
     client = mlflow.tracking.MlflowClient()
@@ -99,6 +104,7 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
         assert steps == list(range(1, len(steps) + 1)) and steps
         if trial.state == TrialState.COMPLETE:
             assert steps == [1, 2] and "honest_gap" in run.data.metrics
+            assert run.data.tags["optuna.feasible"] == "true"  # no tune.max_gap here
     best = [r for r in children if r.data.tags.get("optuna.best") == "true"]
     assert [r.data.tags["optuna.trial"] for r in best] == [str(study.best_trial.number)]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}

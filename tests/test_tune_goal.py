@@ -17,6 +17,36 @@ from search_space import overrides, parse_tune
 REAL = read_yaml(ROOT / "params.yaml")
 
 
+def test_the_winner_s_command_trains_the_images_its_trial_used():
+    # a project of 400 training images: the trial used 400, not tune.train_limit's 20000
+    from tune import winner_commands
+
+    as_trial, at_length = winner_commands({"model.dropout": 0.3}, trial_epochs=10,
+                                          trial_images=400, pipeline_images=400,
+                                          pipeline_epochs=50)
+    assert as_trial == ("the winner as its trial trained (10 epochs, 400 images): "
+                        "dvc exp run -S model.dropout=0.3 -S train.epochs=10")
+    assert at_length == ("the winner at the pipeline's length (50 epochs, 400 images): "
+                         "dvc exp run -S model.dropout=0.3")
+    fewer, _ = winner_commands({"model.dropout": 0.3}, 10, 20000, 40000, 50)
+    assert fewer.endswith("-S train.epochs=10 -S data.train_limit=20000")
+
+
+def test_the_parent_run_s_settings_are_json_and_the_images_used():
+    import json
+
+    from shared_study import study_settings
+    from tune import invocation_tags
+
+    tune = parse_tune(REAL)
+    tags = invocation_tags(tune, train_images=400)
+    assert tags["tune.train_limit"] == "400" and tags["tune.max_gap"] == "0.08"
+    assert json.loads(tags["tune.recipe"]) == tune.recipe
+    assert json.loads(tags["tune.variants"]) == tune.variants
+    settings = study_settings(tune, train_images=400)
+    assert settings["tune.max_gap"] == "0.08" and settings["tune.train_limit"] == "400"
+
+
 def test_real_recipe_is_a_point_of_the_real_space():
     tune = parse_tune(REAL)
     assert tune.recipe is not None and set(tune.recipe) == set(tune.space)
