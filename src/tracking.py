@@ -27,6 +27,7 @@ from ruamel.yaml import YAML, YAMLError
 
 from cli import Terminated, UserError
 from dblock import DatabaseLock
+from params import flatten
 
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # as the MLflow UI reads
 NOTE = "mlflow.note.content"  # the experiment's description in the UI
@@ -160,21 +161,13 @@ def _changed_params() -> list[str]:
     """`name=value` for each param that differs from the committed params.yaml."""
     committed = _git("show", "HEAD:params.yaml")
     try:
-        before = _flat(YAML(typ="safe", pure=True).load(committed or "") or {})
-        now = _flat(YAML(typ="safe", pure=True).load(Path("params.yaml").read_text()) or {})
+        before = flatten(YAML(typ="safe", pure=True).load(committed or "") or {})
+        now = flatten(YAML(typ="safe", pure=True).load(Path("params.yaml").read_text()) or {})
     except (OSError, YAMLError):
         return []
     changed = [key for key in now if key != "tune" and not key.startswith("tune.")
                and before.get(key) != now[key]]
     return [f"{key.rpartition('.')[2]}={_show(now[key])}" for key in changed]
-
-
-def _flat(node, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in (node.items() if isinstance(node, dict) else ()):
-        name = f"{prefix}{key}"
-        flat |= _flat(value, f"{name}.") if isinstance(value, dict) else {name: value}
-    return flat
 
 
 def _show(value) -> str:

@@ -40,17 +40,9 @@ import study_report
 import tracking
 from cifar import Split, load_split
 from fitting import fit
-from params import load_params, read_yaml, update_yaml
+from params import Tune, load_params, parse_tune, read_yaml, update_yaml
 from scoring import final_scores
-from search_space import (
-    Tune,
-    as_nested,
-    exp_run_command,
-    overrides,
-    parse_tune,
-    sample,
-    trial_params,
-)
+from search_space import as_nested, exp_run_command, overrides, sample, trial_params
 from shared_study import make_study, parent_run_id, run_study
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
