@@ -35,9 +35,8 @@ import atomic  # noqa: E402
 import cli  # noqa: E402
 from cifar import Split, load_split  # noqa: E402
 from fitting import fit  # noqa: E402
-from params import parse_params, read_yaml, with_overrides  # noqa: E402
+from params import parse_params, parse_tune, read_yaml, with_overrides  # noqa: E402
 from scoring import final_scores  # noqa: E402
-from search_space import parse_tune  # noqa: E402
 
 
 def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) -> dict:

@@ -27,7 +27,17 @@ for worker in $(seq "$workers"); do
     --study-name gpu-full-length >"$out/study-$worker.log" 2>&1 &
   pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a worker that fails fails the call
+failed=()  # every worker is waited for; then a failed one ends the call, naming its log
+for index in "${!pids[@]}"; do
+  wait "${pids[$index]}" || failed+=("$out/study-$((index + 1)).log")
+done
+if ((${#failed[@]})); then
+  for log in "${failed[@]}"; do
+    echo "gpu_study: a tuning worker failed; the end of its log, $log:" >&2
+    tail -n 5 "$log" >&2
+  done
+  exit 1
+fi
 # every worker has stopped: this one trains nothing, it prints the report and applies the winner
 rm -f reports/best_params.yaml
 python3 src/tune.py --report-only --apply --study-name gpu-full-length 2>&1 | tee "$out/study.log"

@@ -22,7 +22,6 @@ from sqlalchemy.pool import NullPool
 
 from cli import UserError
 
-LOCKED = ("sqlite", "postgresql", "postgres")
 UNLOCKED = ("http", "https", "file", "databricks")  # MLflow stores that are not databases
 
 

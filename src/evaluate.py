@@ -38,7 +38,7 @@ import registry
 import tracking
 from cifar import CLASSES, load_split
 from params import Params, load_params
-from scoring import predict, scores
+from scoring import gap, predict, scores
 
 
 def training_run(train_run: str) -> str:
@@ -89,7 +89,7 @@ def evaluate(params: Params) -> dict:
     np.add.at(matrix, (test.labels, predicted), 1)
     history = pd.read_csv(paths.history)
     metrics = tracking.rounded({  # in the order `dvc exp show` shows them: compared first
-        "test_accuracy": test_acc, "honest_gap": train_acc - val_acc, "val_accuracy": val_acc,
+        "test_accuracy": test_acc, "honest_gap": gap(train_acc, val_acc), "val_accuracy": val_acc,
         "test_loss": test_loss, "val_loss": val_loss, "train_accuracy_inference": train_acc,
         "worst_gap": float(history["gap"].max())})
     per_class = tracking.rounded({f"test_accuracy.{cls}": matrix[i, i] / max(1, matrix[i].sum())

@@ -9,7 +9,6 @@ neither imports the other). `fit` runs `train.epochs` epochs over the numpy inpu
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import keras
 import cli
 import dataset
 import devices
+import progress
 from cifar import Split
 from early_stopping import EarlyStopping
 from model import build_model
@@ -83,9 +83,10 @@ def fit(params: Params, train_split: Split, val_split: Split,
         configured: devices.Setup | None = None) -> FitResult:
     """Train from scratch, or from `resume` = (model, history), up to `train.epochs` epochs.
 
-    `on_epoch(model, history)` runs after every epoch (checkpointing, logging). `configured` is
-    `devices.configure`'s setup when the caller made it: a resumed model must have been loaded in
-    its scope, or it trains on one replica.
+    `on_epoch(model, history)` runs after every epoch (checkpointing, logging). Without
+    `verbose`, progress shows as progress.py says (bars on a terminal, else a line per epoch).
+    `configured` is `devices.configure`'s setup when the caller made it: a resumed model must have
+    been loaded in its scope, or it trains on one replica.
     """
     setup = configured or devices.configure(params.train, params.seed)
     steps = dataset.steps_per_epoch(len(train_split), params.train.batch_size)
@@ -100,6 +101,8 @@ def fit(params: Params, train_split: Split, val_split: Split,
     stop = [EarlyStopping(patience, history)] if patience else []
     if stop and stop[0].replay():  # killed after it stopped, before the checkpoint was cleared
         return FitResult(model, history, stopped_early=True)
+    if verbose is None:
+        verbose, callbacks = progress.verbosity(), [*callbacks, *progress.callbacks()]
     model.fit(
         dataset.train_dataset(train_split, params.train.batch_size, params.seed, len(history),
                               params.train.epochs, params.augment),
@@ -107,5 +110,5 @@ def fit(params: Params, train_split: Split, val_split: Split,
         epochs=params.train.epochs, initial_epoch=len(history), steps_per_epoch=steps,
         shuffle=False,  # the dataset is already shuffled, per epoch, resumably
         callbacks=[StopOnNaN(), EpochLog(history, on_epoch), *stop, *callbacks],
-        verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2))
+        verbose=verbose)
     return FitResult(model, history, stopped_early=bool(stop) and stop[0].stopped_epoch > 0)

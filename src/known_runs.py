@@ -32,12 +32,11 @@ from ruamel.yaml import YAML
 
 import tracking
 from cli import UserError
-from params import Params, ParamsError, parse_params, with_overrides
-from search_space import Tune, as_sampled, distributions, trial_params
+from params import TUNABLE, Params, ParamsError, Tune, flatten, parse_params, with_overrides
+from search_space import as_sampled, distributions, trial_params
 
 # how a run trained, not what: a run may differ from the study's trials in these
 HOW = {"train.backend", "train.deterministic", "train.mixed_precision", "train.distribute"}
-SECTIONS = ("model", "augment", "train")
 
 
 def find_run(name: str, experiment: str) -> mlflow.entities.Run:
@@ -61,7 +60,7 @@ def _run_params(run: mlflow.entities.Run, raw: dict) -> Params:
     """The params the run trained with, as the schema types them."""
     load = YAML(typ="safe", pure=True).load
     logged = {key: load(value) for key, value in run.data.params.items()
-              if key == "seed" or key.partition(".")[0] in SECTIONS}
+              if key == "seed" or key.partition(".")[0] in TUNABLE}
     try:
         return parse_params(with_overrides(raw, logged))
     except ParamsError as error:
@@ -69,11 +68,9 @@ def _run_params(run: mlflow.entities.Run, raw: dict) -> Params:
                         ) from None
 
 
-def _flat(params: Params) -> dict:
-    flat = {"seed": params.seed}
-    for section in SECTIONS:
-        flat |= {f"{section}.{k}": v for k, v in getattr(params, section).model_dump().items()}
-    return flat
+def _trained(params: Params) -> dict:
+    """What decides a run's training, as dotted keys: the seed and the tunable sections."""
+    return flatten({"seed": params.seed, **params.model_dump(include=set(TUNABLE))})
 
 
 def _same(a, b) -> bool:
@@ -99,7 +96,7 @@ def _point(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
     name = f"--add-run {run.info.run_name or run.info.run_id}"
     if not allow_other_code:
         _same_code(run, name)
-    trained = _flat(_run_params(run, raw))
+    trained = _trained(_run_params(run, raw))
     point = as_sampled({key: trained[key] for key in tune.space}, tune)
     outside = [f"{key}={value!r}" for key, value in point.items() if not tune.contains(key, value)]
     if outside:
@@ -109,7 +106,7 @@ def _point(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
             "data.val_images": str(val_images)}
     differ = [f"{key} {logged.get(key)} (study: {value})" for key, value in data.items()
               if logged.get(key) != value]
-    study = _flat(trial_params(raw, point, tune))
+    study = _trained(trial_params(raw, point, tune))
     differ += [f"{key} {value!r} (study: {study[key]!r})" for key, value in trained.items()
                if key not in HOW and not _same(value, study[key])]
     if differ:

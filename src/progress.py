@@ -1,5 +1,6 @@
 """Training progress a person can follow: Keras' progress bars on a terminal, otherwise one plain
-line per epoch (a log file or a pipe gets no bars, no carriage returns and no colour codes).
+line per epoch (a log file or a pipe gets no bars, no carriage returns and no colour codes). The
+one policy of the train stage and the tuning trials (fitting.fit applies it by default).
 
     trial 3 epoch 2/5: loss 1.6931 accuracy 0.4102 val_loss 1.7012 val_accuracy 0.3817
 """

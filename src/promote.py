@@ -16,8 +16,7 @@ import argparse
 import cli
 import registry
 import tracking
-from params import load_params, read_yaml
-from search_space import parse_tune
+from params import load_params, parse_tune, read_yaml
 
 
 def _line(version) -> str:

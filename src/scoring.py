@@ -34,8 +34,14 @@ def measure(model: keras.Model, split, batch_size: int) -> tuple[float, float]:
     return scores(predict(model, split, batch_size), split.labels)
 
 
+def gap(train_accuracy: float, val_accuracy: float) -> float:
+    """The honest gap: accuracy on the training images in inference mode (no dropout, no
+    augmentation) minus validation accuracy. The one definition evaluate and trials use."""
+    return train_accuracy - val_accuracy
+
+
 def honest_gap(model: keras.Model, train_split, val_accuracy: float, batch_size: int) -> float:
-    return measure(model, train_split, batch_size)[1] - val_accuracy
+    return gap(measure(model, train_split, batch_size)[1], val_accuracy)
 
 
 def final_scores(result, train_split: Split, batch_size: int) -> tuple[float, float]:

@@ -22,7 +22,7 @@ import cli
 import known_runs
 import tracking
 from dblock import DatabaseLock
-from search_space import Tune
+from params import Tune
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the trial budget counts
 MAX_FAILURES_IN_A_ROW = 5

@@ -27,7 +27,8 @@ from optuna_dashboard import save_note  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 
 import tracking  # noqa: E402
-from search_space import Tune, overrides  # noqa: E402
+from params import Tune  # noqa: E402
+from search_space import overrides  # noqa: E402
 
 
 def yaml_text(data: dict) -> str:

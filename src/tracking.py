@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +23,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from ruamel.yaml import YAML, YAMLError
 
-from cli import Terminated, UserError
+import cli
+from cli import UserError
 from dblock import DatabaseLock
+from params import flatten
 
 # MLflow 3.17's UI ignores this tag (it opens on the GenAI view unless the URL's workflowType or
 # the browser's last choice says machine_learning: see runs_url); older and other UIs read it
@@ -199,21 +199,13 @@ def _changed_params() -> list[str]:
     """`name=value` for each param that differs from the committed params.yaml."""
     committed = _git("show", "HEAD:params.yaml")
     try:
-        before = _flat(YAML(typ="safe", pure=True).load(committed or "") or {})
-        now = _flat(YAML(typ="safe", pure=True).load(Path("params.yaml").read_text()) or {})
+        before = flatten(YAML(typ="safe", pure=True).load(committed or "") or {})
+        now = flatten(YAML(typ="safe", pure=True).load(Path("params.yaml").read_text()) or {})
     except (OSError, YAMLError):
         return []
     changed = [key for key in now if key != "tune" and not key.startswith("tune.")
                and before.get(key) != now[key]]
     return [f"{key.rpartition('.')[2]}={_show(now[key])}" for key in changed]
-
-
-def _flat(node, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in (node.items() if isinstance(node, dict) else ()):
-        name = f"{prefix}{key}"
-        flat |= _flat(value, f"{name}.") if isinstance(value, dict) else {name: value}
-    return flat
 
 
 def _show(value) -> str:
@@ -232,67 +224,6 @@ def run_name() -> str | None:
     return name[:200]
 
 
-RESIGNAL_SECONDS = 0.05  # retry of a signal that landed in database code
-UNSEEN_SECONDS = 1.0  # retry of an interrupt that no run's cleanup has seen by then
-DATABASE_CODE = ("mlflow.", "sqlalchemy.")  # modules whose frames may be inside a store write
-_unseen: set[int] = set()  # signals raised as interrupts that no run's cleanup has seen yet
-
-
-def _send_again(signum: int, delay: float, only_if_unseen: bool = False) -> None:
-    def again():
-        if not only_if_unseen or signum in _unseen:
-            os.kill(os.getpid(), signum)
-
-    timer = threading.Timer(delay, again)
-    timer.daemon = True
-    timer.start()
-
-
-def _in_database_code(frame) -> bool:
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith(DATABASE_CODE):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _on_signal(signum, frame):
-    """SIGTERM raises `Terminated`, SIGINT `KeyboardInterrupt`, outside database code only.
-
-    Raised inside a write of the tracking store (or of an Optuna study), the exception would leave
-    that write's transaction open: SQLite stays locked, the run cannot be marked KILLED, and the
-    store's "database is locked" error replaces the interrupt. There, the signal is sent again a
-    moment later, until it lands outside. Raised inside a weakref callback or a `__del__` (the
-    garbage collector runs them anywhere), Python prints the exception and goes on: so it is sent
-    again until a run's cleanup has seen it.
-    """
-    if _in_database_code(frame):
-        _send_again(signum, RESIGNAL_SECONDS)
-        return
-    _unseen.add(signum)
-    _send_again(signum, UNSEEN_SECONDS, only_if_unseen=True)
-    if signum == signal.SIGTERM:
-        raise Terminated(f"signal {signum}")
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _interrupts_outside_database_code() -> Iterator[None]:
-    """`_on_signal` for SIGTERM, and for SIGINT unless it is ignored (a background job's)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = [signal.SIGTERM]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signals.append(signal.SIGINT)
-    previous = {signum: signal.signal(signum, _on_signal) for signum in signals}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 @contextlib.contextmanager
 def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume, given `run_id`) a run that always ends with the right status.
@@ -303,11 +234,11 @@ def run(run_id: str | None = None, **kwargs) -> Iterator[mlflow.ActiveRun]:
     """
     if run_id is None and not kwargs.get("run_name"):
         kwargs["run_name"] = run_name()
-    with _interrupts_outside_database_code(), \
+    with cli.interrupts_outside_database_code(), \
             mlflow.start_run(run_id=run_id, **kwargs) as active:
         try:
             yield active
         except KeyboardInterrupt:
-            _unseen.clear()
+            cli.interrupt_seen()
             mlflow.end_run("KILLED")
             raise

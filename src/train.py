@@ -30,11 +30,7 @@ import tracking
 from checkpoint import Checkpoint, code_files, fingerprint
 from cifar import load_split
 from fitting import fit
-from params import Params, load_params
-
-
-def _flat(section: str, values: dict) -> dict:
-    return {f"{section}.{key}": value for key, value in values.items()}
+from params import Params, flatten, load_params
 
 
 def _sync_metrics(run_id: str, history: list[dict]) -> None:
@@ -91,9 +87,8 @@ def train(params: Params) -> dict:
             mlflow.log_params({"seed": params.seed, "data.md5": params.data.md5,
                                "data.train_images": len(train_split),
                                "data.val_images": len(val_split),
-                               **_flat("model", params.model.model_dump()),
-                               **_flat("augment", params.augment.model_dump()),
-                               **_flat("train", params.train.model_dump())})
+                               **flatten(params.model_dump(include={"model", "augment",
+                                                                    "train"}))})
             mlflow.set_tags({"keras.backend": backend.version(params.train.backend),
                              "keras.version": keras.__version__,
                              **{f"devices.{k}": str(v)

@@ -9,8 +9,8 @@
 Needs the preprocessed data (`dvc repro preprocess`). A new study's first trials are the hand
 recipe (`tune.recipe`) and its variants (`tune.variants`). Each trial trains `tune.epochs` epochs
 (its own full schedule) on the first `tune.train_limit` training images and maximizes validation
-accuracy subject to the honest gap (train accuracy in inference mode, on as many training images as
-validate, minus validation accuracy) staying within `tune.max_gap`, an Optuna constraint; the gap
+accuracy subject to the honest gap (train accuracy in inference mode on all its training images,
+minus validation accuracy) staying within `tune.max_gap`, an Optuna constraint; the gap
 is the second objective with `--multi-objective`. Rerunning the same command continues the study up
 to `--n-trials` finished (complete or pruned) trials; several processes may run it at once on the
 same storage, also started at the same instant on an empty database (see shared_study.py).
@@ -41,17 +41,9 @@ import study_report
 import tracking
 from cifar import Split, load_split
 from fitting import fit
-from params import load_params, read_yaml, update_yaml
+from params import Tune, load_params, parse_tune, read_yaml, update_yaml
 from scoring import final_scores
-from search_space import (
-    Tune,
-    as_nested,
-    exp_run_command,
-    overrides,
-    parse_tune,
-    sample,
-    trial_params,
-)
+from search_space import as_nested, exp_run_command, overrides, sample, trial_params
 from shared_study import make_study, parent_run_id, run_study
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "

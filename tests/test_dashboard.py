@@ -13,8 +13,7 @@ from optuna_dashboard import wsgi
 
 import study_report
 from conftest import ROOT
-from params import read_yaml, with_overrides
-from search_space import parse_tune
+from params import parse_tune, read_yaml, with_overrides
 
 TUNE = parse_tune(with_overrides(read_yaml(ROOT / "params.yaml"), {"tune.max_gap": 0.1}))
 

@@ -14,8 +14,8 @@ import known_runs
 import tracking
 from cli import UserError
 from conftest import RECIPE, ROOT, SPACE, sh
-from params import parse_params, read_yaml, update_yaml, with_overrides
-from search_space import distributions, parse_tune, sample
+from params import parse_params, parse_tune, read_yaml, update_yaml, with_overrides
+from search_space import distributions, sample
 
 REAL = read_yaml(ROOT / "params.yaml")
 

@@ -53,6 +53,22 @@ def test_bad_values_name_the_key(path, value, message):
         parse_params(with_change(path, value))
 
 
+def test_the_tune_section_is_checked_by_the_same_schema(tmp_path):
+    """load_params refuses a bad `tune` key as it refuses any other, naming the key."""
+    path = tmp_path / "params.yaml"
+    text = (ROOT / "params.yaml").read_text()
+    path.write_text(text.replace("\ntune:", "\ntune:\n  n_trial: 20  # a typo of n_trials", 1))
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(error.value) == f"{path}: tune.n_trial: unknown key"
+
+    assert load_params(ROOT / "params.yaml").tune.space["model.dropout"].high == 0.5
+    too_high = with_change(("tune", "space", "model.dropout"), {"low": 0.0, "high": 1.5})
+    with pytest.raises(ParamsError, match=r"^params.yaml: tune.space.model.dropout: value 1.5 is "
+                                          r"refused \(model.dropout: Input should be less than 1"):
+        parse_params(too_high)
+
+
 def test_missing_section_is_named():
     raw = copy.deepcopy(REAL)
     del raw["train"]

@@ -59,6 +59,9 @@ def test_repro_end_to_end(project):
     # evaluation from the saved model measures what the last epoch's validation measured
     assert metrics["val_accuracy"] == pytest.approx(history["val_accuracy"].iloc[-1], abs=1e-6)
     assert metrics["worst_gap"] == pytest.approx(history["gap"].max(), abs=1e-6)
+    # the honest gap is scoring's, the tuning trials' own: inference-mode train minus validation
+    assert metrics["honest_gap"] == pytest.approx(
+        metrics["train_accuracy_inference"] - metrics["val_accuracy"], abs=2e-6)
     assert (project / "reports/figures/confusion_matrix.png").stat().st_size > 0
 
     (run,) = runs_of(project)

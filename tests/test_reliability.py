@@ -190,7 +190,7 @@ def test_a_code_change_drops_the_checkpoint_and_says_why(project):
     seen = []
     for line in second.stdout:  # the verdict comes before the first epoch starts
         seen.append(line)
-        if line.startswith(("train: checkpoint ignored", "train: resuming", "Epoch ")):
+        if line.startswith(("train: checkpoint ignored", "train: resuming", "epoch ")):
             break
     os.killpg(second.pid, signal.SIGKILL)
     second.wait()

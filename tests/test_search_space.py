@@ -8,8 +8,8 @@ import pytest
 
 import tune as tune_script
 from conftest import NO_STARTING_POINTS, ROOT
-from params import ParamsError, read_yaml, with_overrides
-from search_space import as_nested, exp_run_command, parse_tune, sample, trial_params
+from params import ParamsError, parse_tune, read_yaml, with_overrides
+from search_space import as_nested, exp_run_command, sample, trial_params
 from shared_study import make_study
 from tune import Pruning
 

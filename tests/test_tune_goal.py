@@ -11,8 +11,8 @@ from optuna.trial import TrialState, create_trial
 
 import study_report
 from conftest import RECIPE, ROOT, SPACE, sh
-from params import ParamsError, read_yaml, update_yaml, with_overrides
-from search_space import overrides, parse_tune
+from params import ParamsError, parse_tune, read_yaml, update_yaml, with_overrides
+from search_space import overrides
 
 REAL = read_yaml(ROOT / "params.yaml")
 
