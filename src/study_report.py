@@ -162,6 +162,21 @@ def _tag_best(study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
             client.set_tag(run_id, "optuna.best", str(trial.number == best.number).lower())
 
 
+def _description(study: optuna.Study, counts: dict[str, int], tune: Tune,
+                 best: optuna.trial.FrozenTrial | None) -> str:
+    """The parent run's description in the MLflow UI: the study's trials and its winner."""
+    trials = ", ".join(f"{n} {name}" for name, n in counts.items() if n)
+    if best is None:
+        verdict = ("No winner: no complete trial has an honest gap within tune.max_gap "
+                   f"{tune.max_gap}.")
+    else:
+        verdict = (f"Winner: trial {best.number}, val_accuracy {_accuracy(best):.4f}, honest_gap "
+                   f"{best.user_attrs.get('honest_gap', float('nan')):.4f}"
+                   + (f" (tune.max_gap {tune.max_gap})." if tune.max_gap is not None else "."))
+    return (f"Optuna study `{study.study_name}`, one child run per trial ({trials}). {verdict} "
+            "Chosen on validation accuracy; its point is in the best.* tags.")
+
+
 def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
     """Log the study report to the active (parent) run; return the best point or None."""
     trials = study.get_trials(deepcopy=False)
@@ -175,11 +190,12 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
         if complete:
             _plots(study, complete, folder, tune, best)
         mlflow.log_artifacts(tmp, artifact_path="study")
-    queued = (f" ({counts['waiting']} waiting: queued points that a later invocation with a "
-              "larger --n-trials trains)") if counts.get("waiting") else ""
+    queued = ("; waiting: queued starting points that a later invocation with a larger "
+              "--n-trials trains") if counts.get("waiting") else ""
     print(f"tune: study {study.study_name!r}: " +
           ", ".join(f"{n} {name}" for name, n in counts.items() if n) + queued)
     _study_note(study, tune, best)
+    mlflow.set_tag(tracking.NOTE, _description(study, counts, tune, best))
     if best is None:
         if complete:
             print(f"tune: no complete trial meets tune.max_gap ({tune.max_gap}) yet")

@@ -46,8 +46,9 @@ def test_runs_are_named_after_the_experiment_or_the_commit_and_params(project):
            "?workflowType=machine_learning&viewStateShareKey=pipeline-columns")
     assert f"evaluate: runs in the MLflow UI (`mlflow ui`): {url}" in out
     view = json.loads(experiment.tags["mlflow.sharedViewState.pipeline-columns"])
-    assert view["selectedColumns"][:3] == ["metrics.`test_accuracy`", "metrics.`honest_gap`",
-                                           "metrics.`val_accuracy`"]
+    assert view["selectedColumns"][:3] == ["metrics.`val_accuracy`", "metrics.`honest_gap`",
+                                           "metrics.`test_accuracy`"]
+    assert view["orderByKey"] == "metrics.`val_accuracy`"  # chosen on validation, never test
     assert "params.`model.dropout`" in view["selectedColumns"]
 
 

@@ -86,7 +86,10 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
     assert float(parent.data.tags["best.model.dropout"]) == pytest.approx(
         best_trial.params["model.dropout"])
     assert not any(key.startswith("best.") for key in parent.data.metrics)  # tags only
-    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best_trial.value)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best_trial.value, abs=1e-6)
+    # the parent run's description in the UI names the study's winner
+    assert f"Winner: trial {best_trial.number}, val_accuracy {best_trial.value:.4f}" in \
+        parent.data.tags["mlflow.note.content"]
     assert "240 images): dvc exp run -S" in out.stdout and "data.train_limit" not in out.stdout
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(study.trials)
