@@ -42,8 +42,11 @@ def promote(args: argparse.Namespace) -> str:
     version = str(args.version) if args.version is not None else chosen.version
     before = registry.champion(name)
     if args.dry_run:
-        print(f"promote: would move {name}@{registry.ALIAS} from "
-              f"{_line(before) if before else 'nowhere'} to version {version} ({why})")
+        if before is not None and str(before.version) == str(version):
+            print(f"promote: {name}@{registry.ALIAS} would stay at {_line(before)} ({why})")
+        else:
+            print(f"promote: would move {name}@{registry.ALIAS} from "
+                  f"{_line(before) if before else 'nowhere'} to version {version} ({why})")
         return version
     before, after = registry.promote(name, version)
     if before is not None and before.version == after.version:

@@ -84,6 +84,9 @@ def test_promote_moves_the_champion_by_validation_accuracy_and_back(registered):
     found = versions(project)
     best = max(found, key=lambda v: (float(found[v].tags["val_accuracy"]),
                                      -float(found[v].tags["honest_gap"]), v))
+    dry = sh(sys.executable, "src/promote.py", "--dry-run", cwd=project).stdout
+    assert champion(project) == 1  # a dry run moves nothing
+    assert ("would stay at version 1" if best == 1 else f"to version {best}") in dry
     out = sh(sys.executable, "src/promote.py", cwd=project).stdout
     assert champion(project) == best
     assert f"to version {best} (val_accuracy {found[best].tags['val_accuracy']}" in out
