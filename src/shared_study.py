@@ -12,6 +12,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import mlflow
 import optuna
@@ -71,11 +72,45 @@ def metric_names(tune: Tune) -> list[str]:
     return ["val_accuracy", "honest_gap"] if tune.multi_objective else ["val_accuracy"]
 
 
-def make_study(tune: Tune, known: Sequence[optuna.trial.FrozenTrial] = ()) -> optuna.Study:
+IDENTITY = "identity"  # the study's user attr: the settings that say what its trials mean
+
+
+def identity(tune: Tune, train_images: int | None) -> dict[str, Any]:
+    """The settings that change what a trial's value means: trials made under other values
+    cannot be compared with these, so a study keeps the ones it was made with."""
+    return json.loads(json.dumps({
+        "tune.max_gap": tune.max_gap, "tune.lr_reference_batch": tune.lr_reference_batch,
+        "tune.epochs": tune.epochs, "tune.train_limit": train_images,
+        "tune.objectives": metric_names(tune),
+        "tune.space": {key: spec.model_dump(exclude_defaults=True)
+                       for key, spec in tune.space.items()}}))
+
+
+def check_identity(study: optuna.Study, tune: Tune, train_images: int | None) -> None:
+    """Record the study's identity, or refuse an invocation that differs from it in one line."""
+    mine = identity(tune, train_images)
+    recorded = study.user_attrs.get(IDENTITY)
+    if recorded is None:
+        study.set_user_attr(IDENTITY, mine)
+        return
+    for key, value in mine.items():
+        unknown = key == "tune.train_limit" and None in (value, recorded.get(key))
+        if key in recorded and recorded[key] != value and not unknown:
+            what = "training images" if key == "tune.train_limit" else key
+            raise cli.UserError(
+                f"study {tune.study_name!r} was made with {what} {json.dumps(recorded[key])}, "
+                f"this invocation has {json.dumps(value)}: use the study's value, or "
+                "--study-name for a new study")
+
+
+def make_study(tune: Tune, known: Sequence[optuna.trial.FrozenTrial] = (),
+               train_images: int | None = None) -> optuna.Study:
     """Create or load the study; tables and study are created by one worker at a time.
 
     `known` are complete trials made elsewhere (known_runs.py), added unless the study holds
     them; in a new study before the starting points, so that one of them is not trained again.
+    The study keeps the settings that say what its trials mean (`identity`): a later invocation
+    with another value of one of them is refused, never mixed in.
     """
     # Unseeded: workers sharing a study would otherwise sample the same points.
     directions = ["maximize", "minimize"] if tune.multi_objective else ["maximize"]
@@ -90,6 +125,7 @@ def make_study(tune: Tune, known: Sequence[optuna.trial.FrozenTrial] = ()) -> op
                                  "use --study-name for a new one")
         if study.metric_names != metric_names(tune):  # shown by optuna-dashboard and plots
             study.set_metric_names(metric_names(tune))
+        check_identity(study, tune, train_images)
         new = not study.get_trials(deepcopy=False)
         known_runs.add(study, known)
         if new:

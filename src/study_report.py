@@ -201,7 +201,10 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
             print(f"tune: no complete trial meets tune.max_gap ({tune.max_gap}) yet")
         return None
     _tag_best(study, best)
-    point = overrides({key: best.params[key] for key in tune.space}, tune)  # as trained
+    # as trained (the rate after batch scaling), as the trial recorded it; an added run's
+    # params are its own, as it trained
+    point = best.user_attrs.get("as_trained") or overrides(
+        {key: best.params[key] for key in tune.space}, tune)
     # not params: the best trial changes as the study goes on. Its point as tags (values of
     # any type, once each), its scores as metrics (figures, rounded as evaluate rounds them)
     mlflow.set_tags({"optuna.best_trial": str(best.number),

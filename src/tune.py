@@ -76,15 +76,23 @@ class Deadline(keras.callbacks.Callback):
 
 
 class Pruning(keras.callbacks.Callback):
-    """Report each epoch's validation accuracy; stop the trial when the pruner says so."""
+    """Report each epoch's validation accuracy; stop the trial when the pruner says so.
+
+    The study's starting points (the recipe and its variants, shared_study.make_study) run to
+    their end: they are what the sampled trials are measured against, and some of them (cutmix,
+    mixup) learn late. The pruner still sees them (Hyperband records their rungs when asked), so
+    they compete at the rungs; only its answer is ignored for them.
+    """
 
     def __init__(self, trial: optuna.Trial):
         super().__init__()
         self.trial = trial
+        attrs = trial.user_attrs
+        self.starting_point = "recipe" in attrs or "recipe_variant" in attrs
 
     def on_epoch_end(self, epoch, logs=None):
         self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
-        if self.trial.should_prune():
+        if self.trial.should_prune() and not self.starting_point:
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
 
@@ -102,7 +110,9 @@ class Objective:
         with tracking.run(run_name=f"{self.tune.study_name}-trial-{trial.number}", nested=True,
                           tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            mlflow.log_params({**overrides(point, self.tune), "train.epochs": self.tune.epochs,
+            as_trained = overrides(point, self.tune)  # the rate after batch scaling
+            trial.set_user_attr("as_trained", as_trained)  # what the report and --apply write
+            mlflow.log_params({**as_trained, "train.epochs": self.tune.epochs,
                                "data.train_images": len(self.train_split)})
             try:
                 pruning = [] if self.tune.multi_objective else [Pruning(trial)]
@@ -174,7 +184,7 @@ def tune(args: argparse.Namespace) -> dict:
                                  tune_settings, len(train_split), len(val_split),
                                  allow_other_code=args.allow_other_code)
              for name in args.add_run]
-    study = make_study(tune_settings, known)
+    study = make_study(tune_settings, known, train_images=len(train_split))
     objective = Objective(raw, tune_settings, train_split, val_split)
     with tracking.run(run_id=parent_run_id(study, tune_settings, experiment,
                                            len(train_split))):

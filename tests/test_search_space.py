@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 import tune as tune_script
+from cli import UserError
 from conftest import NO_STARTING_POINTS, ROOT
 from params import ParamsError, parse_tune, read_yaml, with_overrides
 from search_space import as_nested, exp_run_command, sample, trial_params
@@ -105,6 +106,53 @@ def test_pruning_callback_reports_each_epoch_and_stops_when_told():
     with pytest.raises(optuna.TrialPruned):
         callback.on_epoch_end(1, {"val_accuracy": 0.3})
     assert study.trials[0].intermediate_values == {1: 0.6, 2: 0.3}
+
+
+def test_a_late_learning_starting_point_survives_a_recipe_ahead_at_the_first_rung(tmp_path):
+    """Hyperband, one bracket: at a rung only the best of fewer than three trials survives. The
+    recipe is far ahead at epoch 2; the enqueued variant (cutmix, say) learns late and is not
+    pruned, while a sampled trial as weak as it is; the variant's rung is still recorded."""
+    raw = with_overrides(read_yaml(ROOT / "params.yaml"), {
+        "tune.pruner": "hyperband", "tune.min_epochs": 2, "tune.epochs": 6,
+        "tune.variants": [{"augment.cutmix": 1.0}],
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    study = make_study(parse_tune(raw))
+
+    def train(curve):
+        trial = study.ask()
+        callback = Pruning(trial)
+        try:
+            for epoch, accuracy in enumerate(curve):
+                callback.on_epoch_end(epoch, {"val_accuracy": accuracy})
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return trial.number, "pruned"
+        study.tell(trial, curve[-1])
+        return trial.number, trial.user_attrs
+
+    assert train([0.5, 0.6, 0.65, 0.7, 0.72, 0.74]) == (0, {"recipe": True})
+    assert train([0.1, 0.2, 0.5, 0.7, 0.8, 0.85]) == (1, {"recipe_variant": 1})
+    assert train([0.1, 0.2, 0.5, 0.7, 0.8, 0.85]) == (2, "pruned")  # sampled: no such grace
+    variant = study.trials[1]
+    assert any(key.startswith("completed_rung") for key in variant.system_attrs)  # it competed
+
+
+def test_a_study_refuses_an_invocation_that_changes_what_its_trials_mean(tmp_path):
+    raw = with_overrides(RAW, {"tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    tune = parse_tune(raw)
+    make_study(tune, train_images=400)
+    make_study(parse_tune(raw, {"n_trials": 3}), train_images=400)  # a budget is not identity
+    changes = [({"tune.max_gap": 0.05}, {}, "tune.max_gap 0.08, this invocation has 0.05"),
+               ({"tune.lr_reference_batch": 32}, {}, "tune.lr_reference_batch 128, this "
+                                                     "invocation has 32"),
+               ({}, {"epochs": 3}, f"tune.epochs {tune.epochs}, this invocation has 3"),
+               ({}, {"train_limit": 100}, "training images 400, this invocation has 100")]
+    for keys, flags, message in changes:
+        with pytest.raises(UserError) as refused:
+            make_study(parse_tune(with_overrides(raw, keys), flags),
+                       train_images=flags.get("train_limit", 400))
+        assert str(refused.value) == (f"study 'regularization' was made with {message}: use the "
+                                      "study's value, or --study-name for a new study")
 
 
 @pytest.mark.parametrize(("pruner", "multi", "epochs", "expected"), [
