@@ -99,3 +99,37 @@ def test_bench_step_compares_policies(tmp_path):
     assert lines[2].split()[0] == "float32" and lines[2].endswith("1.00x float32")
     assert lines[3].split()[0] == "mixed_bfloat16"
     assert list(tmp_path.iterdir()) == []  # writes nothing
+
+
+@pytest.mark.slow
+def test_seeds_runs_each_seed_as_an_experiment_and_reports_mean_and_sd(project):
+    """benchmarks/seeds.py: one `dvc exp run` per seed at the pipeline's length; a rerun reads
+    the finished seeds back instead of training them again."""
+    import statistics
+
+    from conftest import sh
+
+    script = str(ROOT / "benchmarks" / "seeds.py")
+    out = project / "seeds.json"
+    first = sh(sys.executable, script, "--seeds", "3", "4", "--name", "flip",
+               "-S", "augment.flip=true", "--json", str(out), cwd=project).stdout
+    assert "dvc exp run -n flip-seed3 -S seed=3 -S augment.flip=true" in first
+    results = json.loads(out.read_text())
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project).stdout)
+    experiments = {e["name"]: e["revs"][0]["data"] for b in shown for e in b["experiments"] or []}
+    assert set(experiments) == {"flip-seed3", "flip-seed4"}
+    for seed in (3, 4):
+        data = experiments[f"flip-seed{seed}"]
+        assert data["params"]["params.yaml"]["data"]["seed"] == seed
+        assert data["params"]["params.yaml"]["data"]["augment"]["flip"] is True
+        figures = data["metrics"]["reports/metrics.json"]["data"]
+        assert results["seeds"][str(seed)]["test_accuracy"] == figures["test_accuracy"]
+    gaps = [results["seeds"][s]["honest_gap"] for s in ("3", "4")]
+    assert results["summary"]["honest_gap"]["mean"] == pytest.approx(statistics.fmean(gaps))
+    assert results["summary"]["honest_gap"]["sd"] == pytest.approx(statistics.stdev(gaps))
+    assert "| mean ± sd (n=2) |" in first
+    again = sh(sys.executable, script, "--seeds", "3", "4", "--name", "flip",
+               "-S", "augment.flip=true", cwd=project).stdout
+    assert again.count("already run, its metrics read back") == 2
+    refused = sh(sys.executable, script, "--seeds", "3", "-S", "seed=5", cwd=project, check=False)
+    assert refused.returncode != 0 and "the seeds come from --seeds" in refused.stderr
