@@ -6,9 +6,11 @@ generator keyed on `(seed, e, batch)`, so a run resumed at epoch `k` sees exactl
 uninterrupted run would. All remaining epochs form one sequence, consumed with `steps_per_epoch`,
 so Keras keeps a single iterator for the whole fit.
 
-On JAX the batches go to Keras as a `keras.utils.PyDataset` whose `PREFETCH_WORKERS` threads
-make the next `PREFETCH_BATCHES` while the step runs (Keras hands them back in index order;
-TensorFlow is never imported). On TensorFlow they are wrapped in a `tf.data` pipeline whose
+On JAX the batches go to Keras as a `keras.utils.PyDataset` made in the step's own thread
+(`workers=1`): with Keras' thread pool (`workers > 1`) a run resumed after a kill differed from
+an uninterrupted one from its second epoch on (tests/test_backends.py), which `workers=1` does
+not. TensorFlow is never imported.
+On TensorFlow they are wrapped in a `tf.data` pipeline whose
 prefetch thread makes them while the model trains, with autotuning off: in TensorFlow 2.21,
 dropping an iterator (Keras does so for the validation data every epoch) waits for the autotuning
 thread's back-off, which stalled training for tens of seconds per epoch on a 2-core machine.
@@ -28,7 +30,7 @@ from model import NUM_CLASSES
 from params import Augment
 
 PREFETCH_BATCHES = 8
-PREFETCH_WORKERS = 2  # threads: numpy releases the GIL while it copies pixels
+PREFETCH_WORKERS = 1  # more breaks exact resumes on JAX: see the module's docstring
 NO_AUGMENTATION = Augment(flip=False, crop=0, shift=0.0, cutout=0, mixup=0.0, cutmix=0.0)
 
 
@@ -51,8 +53,7 @@ class TrainBatches(keras.utils.PyDataset):
 
     def __init__(self, split: Split, batch_size: int, seed: int, first_epoch: int, epochs: int,
                  params: Augment = NO_AUGMENTATION):
-        # workers > 1 makes Keras prefetch in a thread pool (with 1 it makes each batch in the
-        # step's own thread); the TensorFlow path indexes the dataset itself and ignores them.
+        # the TensorFlow path indexes the dataset itself (tf.data prefetches) and ignores these
         super().__init__(workers=PREFETCH_WORKERS, use_multiprocessing=False,
                          max_queue_size=PREFETCH_BATCHES)
         self.images, self.labels = split.images, _one_hot(split.labels)

@@ -193,7 +193,7 @@ def test_killed_worker_trial_fails_by_heartbeat_and_its_retry_completes(tuned, d
     update_yaml(tuned / "params.yaml", {"tune.heartbeat_interval": 1, "tune.grace_period": grace,
                                         "tune.pruner": "none"})
     log = tmp_path / "victim.log"
-    victim = start(tune_command(database, "--n-trials", "1", "--epochs", "50"), tuned, log)
+    victim = start(tune_command(database, "--n-trials", "1", "--epochs", "20"), tuned, log)
     try:
         # mid-trial: its params sampled and at least one epoch reported
         (killed,) = wait_for(lambda: [t for t in trials_if_any(database, (TrialState.RUNNING,))
@@ -208,7 +208,7 @@ def test_killed_worker_trial_fails_by_heartbeat_and_its_retry_completes(tuned, d
     # The dead worker's heartbeat must be older than the grace period before anyone looks.
     time.sleep(max(0.0, grace + 1 - (time.monotonic() - killed_at)))
 
-    sh(*tune_command(database, "--n-trials", "1", "--epochs", "1"), cwd=tuned)
+    sh(*tune_command(database, "--n-trials", "1", "--epochs", "20"), cwd=tuned)
 
     trials = optuna.load_study(study_name=STUDY, storage=database.url).trials
     by_number = {t.number: t for t in trials}
@@ -249,6 +249,7 @@ def test_survivors_wait_for_a_dead_worker_s_trial_then_retry_it(tuned, database,
     assert others_running == [True, True]  # the kill came while both survivors trained
     trials = optuna.load_study(study_name=STUDY, storage=database.url).trials
     states = [t.state for t in trials]
+    print("trial states:", ", ".join(f"{t.number} {t.state.name}" for t in trials))
     assert states.count(TrialState.COMPLETE) == 3, states
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
     (failed,) = [t for t in trials if t.state == TrialState.FAIL]

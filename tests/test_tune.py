@@ -134,26 +134,32 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
 
 def test_rerun_continues_to_the_asked_number(tuned):
     tune(tuned, "--n-trials", "1")
-    tune(tuned, "--n-trials", "2", "--epochs", "1")  # another budget and epoch count
+    # another epoch count would mix trials that cannot be compared: refused, nothing trained
+    refused = tune(tuned, "--n-trials", "2", "--epochs", "1", check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+        "tune: error: study 'regularization' was made with tune.epochs 2, this invocation has "
+        "1: use the study's value, or --study-name for a new study")
+    assert len(finished(load(tuned).trials)) == 1
+    tune(tuned, "--n-trials", "2")  # another budget
     assert len(finished(load(tuned).trials)) == 2
     (parent,) = [r for r in trial_runs(tuned) if "mlflow.parentRunId" not in r.data.tags]
     # the settings the study started with stay its params; the last invocation's are tags
     assert parent.data.params["tune.epochs"] == "2"
-    assert parent.data.tags["tune.epochs"] == "1" and parent.data.tags["tune.n_trials"] == "2"
+    assert parent.data.tags["tune.n_trials"] == "2"
 
 
 def test_timeout_stops_a_trial_mid_way_and_queues_its_point(tuned):
     """--timeout bounds the invocation, not only the start of its trials: the trial running when
     it passes stops after that epoch, fails, and its point waits for the next invocation."""
-    out = tune(tuned, "--n-trials", "2", "--epochs", "200", "--timeout", "3").stdout
+    out = tune(tuned, "--n-trials", "2", "--epochs", "20", "--timeout", "3").stdout
     (stopped,) = load(tuned).get_trials(states=(TrialState.FAIL,))
-    assert len(stopped.intermediate_values) < 200
+    assert len(stopped.intermediate_values) < 20
     (queued,) = load(tuned).get_trials(states=(TrialState.WAITING,))
     assert queued.system_attrs["fixed_params"] == stopped.params and \
         queued.user_attrs["timed_out_trial"] == stopped.number
     assert f"tune: trial {stopped.number} stopped after epoch " in out
     assert "--timeout reached; its point is queued for the next invocation" in out
-    tune(tuned, "--n-trials", "1")  # the next invocation trains the queued point
+    tune(tuned, "--n-trials", "1", "--epochs", "20")  # the next one trains the queued point
     (done,) = load(tuned).get_trials(states=(TrialState.COMPLETE,))
     assert done.params == stopped.params
 
@@ -171,7 +177,7 @@ def test_diverging_trial_fails_and_the_study_goes_on(tuned):
     update_yaml(tuned / "params.yaml", {"tune.space": {
         **SMALL_SPACE, "train.momentum": {"low": 0.0, "high": 0.9},
         "model.l2": {"low": 1e-6, "high": 1.0, "log": True}}})
-    tune(tuned, "--n-trials", "1")
+    tune(tuned, "--n-trials", "1", "--epochs", "3")
     # the largest rate and weight decay params allow: the loss turns NaN within three epochs
     load(tuned).enqueue_trial({"train.learning_rate": 10.0, "train.momentum": 0.9,
                                "train.batch_size": 32, "model.dropout": 0.0, "model.l2": 1.0})
@@ -217,7 +223,7 @@ def test_three_workers_started_together_share_the_default_storage(tuned):
 def test_ctrl_c_leaves_the_study_consistent(tuned):
     # a job started in the background (as CI may run us) inherits SIGINT ignored: undo that,
     # as a terminal's Ctrl-C would reach a foreground process
-    worker = subprocess.Popen([sys.executable, "src/tune.py", "--epochs", "50", "--n-trials", "1"],
+    worker = subprocess.Popen([sys.executable, "src/tune.py", "--epochs", "20", "--n-trials", "1"],
                               cwd=tuned, env=tool_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -233,7 +239,7 @@ def test_ctrl_c_leaves_the_study_consistent(tuned):
     assert trial.state == TrialState.FAIL  # not left RUNNING
     statuses = {r.data.tags.get("optuna.trial"): r.info.status for r in trial_runs(tuned)}
     assert statuses["0"] == "KILLED"
-    tune(tuned, "--n-trials", "1")
+    tune(tuned, "--n-trials", "1", "--epochs", "20")
     first, second = load(tuned).trials
     assert first.state == TrialState.FAIL and finished([second])
 
