@@ -127,10 +127,11 @@ def evaluate(params: Params) -> dict:
 
 
 def main() -> None:
-    metrics = evaluate(load_params())
+    params = load_params()
+    metrics = evaluate(params)
     print(f"evaluate: test_accuracy {metrics['test_accuracy']:.4f}, "
           f"honest_gap {metrics['honest_gap']:.4f}")
-    experiment = mlflow.get_experiment_by_name(load_params().mlflow.experiment)
+    experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
     print(f"evaluate: runs in the MLflow UI (`mlflow ui`): "
           f"{tracking.runs_url(experiment.experiment_id)}")
 

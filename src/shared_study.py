@@ -72,6 +72,11 @@ def metric_names(tune: Tune) -> list[str]:
     return ["val_accuracy", "honest_gap"] if tune.multi_objective else ["val_accuracy"]
 
 
+def space(tune: Tune) -> dict[str, dict]:
+    """The search space as written in params.yaml (defaults left out)."""
+    return {key: spec.model_dump(exclude_defaults=True) for key, spec in tune.space.items()}
+
+
 IDENTITY = "identity"  # the study's user attr: the settings that say what its trials mean
 
 
@@ -81,9 +86,7 @@ def identity(tune: Tune, train_images: int | None) -> dict[str, Any]:
     return json.loads(json.dumps({
         "tune.max_gap": tune.max_gap, "tune.lr_reference_batch": tune.lr_reference_batch,
         "tune.epochs": tune.epochs, "tune.train_limit": train_images,
-        "tune.objectives": metric_names(tune),
-        "tune.space": {key: spec.model_dump(exclude_defaults=True)
-                       for key, spec in tune.space.items()}}))
+        "tune.objectives": metric_names(tune), "tune.space": space(tune)}))
 
 
 def check_identity(study: optuna.Study, tune: Tune, train_images: int | None) -> None:
@@ -176,8 +179,7 @@ def study_settings(tune: Tune, train_images: int) -> dict[str, str]:
             "tune.epochs": str(tune.epochs), "tune.train_limit": str(train_images),
             "tune.max_gap": json.dumps(tune.max_gap), "tune.min_epochs": str(tune.min_epochs),
             "tune.objectives": ",".join(metric_names(tune)),
-            "tune.space": json.dumps({key: spec.model_dump(exclude_defaults=True)
-                                      for key, spec in tune.space.items()})}
+            "tune.space": json.dumps(space(tune))}
 
 
 def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],

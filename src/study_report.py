@@ -78,16 +78,14 @@ def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
                          folder / "param_importances.png")
     figure, axes = plt.subplots()
     front = {t.number for t in study.best_trials} if multi else set()
-    for trial in complete:
-        gap, accuracy = trial.user_attrs.get("honest_gap"), _accuracy(trial)
-        axes.scatter(gap, accuracy, s=25, color="tab:red" if trial.number in front else "tab:blue")
     # numbers on the trials worth finding only (the winner, the Pareto front): on every point
     # they overlap where trials score alike; trials.csv has every trial's figures
     labelled = front | ({best.number} if best is not None else set())
     for trial in complete:
+        gap, accuracy = trial.user_attrs.get("honest_gap"), _accuracy(trial)
+        axes.scatter(gap, accuracy, s=25, color="tab:red" if trial.number in front else "tab:blue")
         if trial.number in labelled:
-            axes.annotate(f"trial {trial.number}", (trial.user_attrs.get("honest_gap"),
-                                                    _accuracy(trial)),
+            axes.annotate(f"trial {trial.number}", (gap, accuracy),
                           fontsize=8, xytext=(6, 6), textcoords="offset points")
     if best is not None:
         axes.scatter(best.user_attrs.get("honest_gap"), _accuracy(best), s=160,
@@ -162,10 +160,9 @@ def _tag_best(study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
             client.set_tag(run_id, "optuna.best", str(trial.number == best.number).lower())
 
 
-def _description(study: optuna.Study, counts: dict[str, int], tune: Tune,
+def _description(study: optuna.Study, trials: str, tune: Tune,
                  best: optuna.trial.FrozenTrial | None) -> str:
     """The parent run's description in the MLflow UI: the study's trials and its winner."""
-    trials = ", ".join(f"{n} {name}" for name, n in counts.items() if n)
     if best is None:
         verdict = ("No winner: no complete trial has an honest gap within tune.max_gap "
                    f"{tune.max_gap}.")
@@ -192,10 +189,10 @@ def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
         mlflow.log_artifacts(tmp, artifact_path="study")
     queued = ("; waiting: queued starting points that a later invocation with a larger "
               "--n-trials trains") if counts.get("waiting") else ""
-    print(f"tune: study {study.study_name!r}: " +
-          ", ".join(f"{n} {name}" for name, n in counts.items() if n) + queued)
+    summary = ", ".join(f"{n} {name}" for name, n in counts.items() if n)
+    print(f"tune: study {study.study_name!r}: {summary}{queued}")
     _study_note(study, tune, best)
-    mlflow.set_tag(tracking.NOTE, _description(study, counts, tune, best))
+    mlflow.set_tag(tracking.NOTE, _description(study, summary, tune, best))
     if best is None:
         if complete:
             print(f"tune: no complete trial meets tune.max_gap ({tune.max_gap}) yet")
