@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 
 import mlflow
@@ -54,6 +55,13 @@ def find_run(name: str, experiment: str) -> mlflow.entities.Run:
         raise UserError(f"--add-run {name}: no finished, evaluated run of that name or id in "
                         f"the MLflow experiment {experiment!r} ({mlflow.get_tracking_uri()})")
     return runs[0]
+
+
+def length(run: mlflow.entities.Run) -> tuple[int | None, int | None]:
+    """How long the run trained: its epochs and training images, as it logged them."""
+    logged = run.data.params
+    return tuple(int(logged[key]) if str(logged.get(key, "")).isdigit() else None
+                 for key in ("train.epochs", "data.train_images"))
 
 
 def _run_params(run: mlflow.entities.Run, raw: dict) -> Params:
@@ -141,7 +149,7 @@ def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
 
 
 def add(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
-    """Add each trial whose run the study does not hold yet; say what was added."""
+    """Add each trial whose run the study does not hold yet (`replay`); say what was added."""
     held = {t.user_attrs.get("pipeline_run_id"): t.number
             for t in study.get_trials(deepcopy=False)}
     for trial in trials:
@@ -150,9 +158,29 @@ def add(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
             print(f"tune: run {trial.user_attrs['added_run']} ({run_id}) is trial {held[run_id]} "
                   "already")
             continue
-        study.add_trial(trial)
-        number = study.get_trials(deepcopy=False)[-1].number
+        number = replay(study, trial)
         held[run_id] = number
         print(f"tune: run {trial.user_attrs['added_run']} ({run_id}) added as trial {number}: "
               f"val accuracy {trial.user_attrs['val_accuracy_final']:.4f}, "
               f"honest gap {trial.user_attrs['honest_gap']:.4f}")
+
+
+def replay(study: optuna.Study, trial: FrozenTrial) -> int:
+    """Add the complete `trial` as if it had trained in the study: its curve is reported epoch
+    by epoch to the study's pruner, which records the rungs it reaches (Hyperband compares
+    trials there), then its values are told. The pruner's answers are ignored: the run
+    finished. Call it under the study lock (the new trial is the study's last); returns its
+    number."""
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.RUNNING, params=trial.params, distributions=trial.distributions,
+        user_attrs=trial.user_attrs, system_attrs=trial.system_attrs))
+    added = study.get_trials(deepcopy=False)[-1]
+    live = optuna.Trial(study, added._trial_id)
+    with warnings.catch_warnings():  # about heartbeats, which an added trial does not need
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        for step, value in sorted(trial.intermediate_values.items()):
+            live.report(value, step)
+            if len(study.directions) == 1:  # Optuna prunes single objectives only
+                live.should_prune()
+        study.tell(live, trial.values if len(trial.values) > 1 else trial.values[0])
+    return added.number

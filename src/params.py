@@ -151,6 +151,7 @@ class Tune(_Section):
     grace_period: PositiveInt
     max_retry: Annotated[int, Field(ge=0)]
     max_gap: Annotated[float, Field(gt=0.0, le=1.0)] | None
+    confirm: Annotated[int, Field(ge=0)]  # best trials trained again at the pipeline's length
     lr_reference_batch: PositiveInt | None
     space: dict[str, Range | Choice]
     recipe: dict[str, Value] | None  # the first trial of a new study (None: none enqueued)

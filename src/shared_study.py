@@ -183,8 +183,9 @@ def study_settings(tune: Tune, train_images: int) -> dict[str, str]:
 
 
 def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
-              tune: Tune) -> None:
-    """Run trials until the study has `n_trials` finished ones (or the timeout passes).
+              tune: Tune, budget: Callable[[optuna.Study], int] | None = None) -> None:
+    """Run trials until the study has `n_trials` finished ones (or the timeout passes);
+    `budget(study)`, read under the lock at each turn, replaces `n_trials` where given.
 
     Finished means complete or pruned: a pruned trial got its verdict. Failed trials do not
     count; a dead worker's trial is retried. A worker checks the budget and takes its trial
@@ -206,17 +207,18 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
         finished: list[TrialState] = []
         with lock:
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
-            if len(study.get_trials(deepcopy=False, states=FINISHED)) >= tune.n_trials:
+            n_trials = budget(study) if budget else tune.n_trials
+            if len(study.get_trials(deepcopy=False, states=FINISHED)) >= n_trials:
                 return
             if deadline and time.monotonic() > deadline:
                 return
             # not WAITING: a retry or enqueued point needs a worker
             taken = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-            if len(taken) < tune.n_trials:
+            if len(taken) < n_trials:
                 study.optimize(started, n_trials=1, catch=(Exception,),
                                callbacks=[lambda _, trial, done=finished:
                                           done.append(trial.state)])
-        if not finished and len(taken) >= tune.n_trials:
+        if not finished and len(taken) >= n_trials:
             # The rest of the budget is RUNNING elsewhere. One of those workers may have died:
             # its trial stays RUNNING until its heartbeat is older than the grace period, then
             # fail_stale_trials fails it and the retry needs a worker. Wait for that verdict

@@ -5,7 +5,7 @@ accuracy against the honest gap (PNGs); the best trial's MLflow run is tagged `o
 The parent run gets the best trial's number and params as tags (`optuna.best_trial`,
 `best.<key>`) and its scores as metrics (`best_val_accuracy`, `best_honest_gap`). Returns the
 best point: the highest validation accuracy (on the Pareto front when the study is
-multi-objective).
+multi-objective, from the end asked for).
 """
 
 from __future__ import annotations
@@ -102,15 +102,25 @@ def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
     _save(figure, folder / "accuracy_vs_gap.png")
 
 
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best complete trial that meets its constraints (`tune.max_gap`), if any."""
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the trial meets its constraints (`tune.max_gap`; none: feasible)."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
+ENDS = ("accuracy", "gap")  # the ends of a Pareto front a winner is taken from
+
+
+def ranked(study: optuna.Study, end: str = "accuracy") -> list[optuna.trial.FrozenTrial]:
+    """The complete trials within `tune.max_gap`, best first: by validation accuracy. A
+    multi-objective study ranks its Pareto front only, from `end`: "accuracy" (the highest
+    validation accuracy first) or "gap" (the smallest honest gap first)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
-    if not feasible:
-        return None
-    if len(study.directions) > 1:
-        return max(study.best_trials, key=_accuracy)  # Optuna's front holds feasible ones only
-    return study.best_trial
+    pool = [t for t in (study.best_trials if len(study.directions) > 1 else complete)
+            if feasible(t)]
+    if end == "gap":
+        return sorted(pool, key=lambda t: (t.user_attrs.get("honest_gap", float("inf")),
+                                           -_accuracy(t)))
+    return sorted(pool, key=_accuracy, reverse=True)
 
 
 # optuna-dashboard 0.21 reads a trial's constraints from the system attr "constraints" (a list,
@@ -135,9 +145,16 @@ def _feasibility(gap: float, max_gap: float) -> str:
     return f"{verdict}: honest gap {gap:.4f} {sign} tune.max_gap {max_gap}"
 
 
-def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial | None) -> None:
+def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial | None,
+                confirmed_in: str | None = None) -> None:
     """What optuna-dashboard shows on the study page: its winner, or that it has none (the
-    dashboard's own "Best Trial" ignores constraints)."""
+    dashboard's own "Best Trial" ignores constraints). A study whose best trials are confirmed
+    at full length names the study that holds its winner instead."""
+    if confirmed_in is not None:
+        save_note(study, f"Short trials: the best {tune.confirm} within tune.max_gap "
+                  f"{tune.max_gap} are trained again at the pipeline's length in the study "
+                  f"**{confirmed_in}**, whose best is this study's winner.")
+        return
     if tune.max_gap is None:
         return
     if best is None:
@@ -152,69 +169,105 @@ def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial 
     save_note(study, body)
 
 
-def _tag_best(study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
+def _tag_best(studies: list[optuna.Study], best: optuna.trial.FrozenTrial | None) -> None:
+    """`optuna.best` on every trial's MLflow run: true on the winner's only."""
     client = mlflow.tracking.MlflowClient()
-    for trial in study.get_trials(deepcopy=False):
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            client.set_tag(run_id, "optuna.best", str(trial.number == best.number).lower())
+    winner = best.user_attrs.get("mlflow_run_id") if best is not None else None
+    for study in studies:
+        for trial in study.get_trials(deepcopy=False):
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id:
+                client.set_tag(run_id, "optuna.best", str(run_id == winner).lower())
 
 
-def _description(study: optuna.Study, trials: str, tune: Tune,
-                 best: optuna.trial.FrozenTrial | None) -> str:
-    """The parent run's description in the MLflow UI: the study's trials and its winner."""
-    if best is None:
-        verdict = ("No winner: no complete trial has an honest gap within tune.max_gap "
-                   f"{tune.max_gap}.")
-    else:
-        verdict = (f"Winner: trial {best.number}, val_accuracy {_accuracy(best):.4f}, honest_gap "
-                   f"{best.user_attrs.get('honest_gap', float('nan')):.4f}"
-                   + (f" (tune.max_gap {tune.max_gap})." if tune.max_gap is not None else "."))
-    return (f"Optuna study `{study.study_name}`, one child run per trial ({trials}). {verdict} "
-            "Chosen on validation accuracy; its point is in the best.* tags.")
-
-
-def report(study: optuna.Study, tune: Tune) -> dict[str, Any] | None:
-    """Log the study report to the active (parent) run; return the best point or None."""
+def _counts(study: optuna.Study) -> dict[str, int]:
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    mlflow.log_metrics({f"trials_{name}": n for name, n in counts.items()})
-    best = _best(study)
+    return {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+
+
+def _summary(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {name}" for name, n in counts.items() if n)
+
+
+def best(study: optuna.Study, end: str = "accuracy") -> optuna.trial.FrozenTrial | None:
+    """The study's best trial within `tune.max_gap` (`ranked`), if any."""
+    candidates = ranked(study, end)
+    return candidates[0] if candidates else None
+
+
+def report(study: optuna.Study, tune: Tune, end: str = "accuracy", label: str = "study",
+           confirmed_in: str | None = None) -> optuna.trial.FrozenTrial | None:
+    """Log the study report to the active (parent) run, its files under `label` (its metrics
+    prefixed by it unless it is "study"); return its best trial or None. `confirmed_in`: the
+    companion study that confirms this one's best trials (confirmation.py)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    counts = _counts(study)
+    prefix = "" if label == "study" else f"{label}_"
+    mlflow.log_metrics({f"{prefix}trials_{name}": n for name, n in counts.items()})
+    leader = best(study, end)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
         if complete:
-            _plots(study, complete, folder, tune, best)
-        mlflow.log_artifacts(tmp, artifact_path="study")
+            _plots(study, complete, folder, tune, leader)
+        mlflow.log_artifacts(tmp, artifact_path=label)
     queued = ("; waiting: queued starting points that a later invocation with a larger "
               "--n-trials trains") if counts.get("waiting") else ""
-    summary = ", ".join(f"{n} {name}" for name, n in counts.items() if n)
-    print(f"tune: study {study.study_name!r}: {summary}{queued}")
-    _study_note(study, tune, best)
-    mlflow.set_tag(tracking.NOTE, _description(study, summary, tune, best))
-    if best is None:
+    print(f"tune: study {study.study_name!r}: {_summary(counts)}{queued}")
+    _study_note(study, tune, leader, confirmed_in)
+    if leader is None:
         if complete:
             print(f"tune: no complete trial meets tune.max_gap ({tune.max_gap}) yet")
         return None
-    _tag_best(study, best)
-    # as trained (the rate after batch scaling), as the trial recorded it; an added run's
-    # params are its own, as it trained
-    point = best.user_attrs.get("as_trained") or overrides(
-        {key: best.params[key] for key in tune.space}, tune)
-    # not params: the best trial changes as the study goes on. Its point as tags (values of
-    # any type, once each), its scores as metrics (figures, rounded as evaluate rounds them)
-    mlflow.set_tags({"optuna.best_trial": str(best.number),
-                     **{f"best.{key}": str(value) for key, value in point.items()}})
-    mlflow.log_metrics(tracking.rounded({
-        "best_val_accuracy": _accuracy(best),
-        "best_honest_gap": best.user_attrs.get("honest_gap", float("nan"))}))
     if len(study.directions) > 1:
         print("tune: Pareto front (trial: val accuracy, honest gap):")
         for trial in sorted(study.best_trials, key=_accuracy, reverse=True):
             print(f"  {trial.number}: {trial.values[0]:.4f}, {trial.values[1]:.4f}")
-    added = best.user_attrs.get("added_run")
-    print(f"tune: best trial {best.number}: val accuracy {_accuracy(best):.4f}, "
-          f"honest gap {best.user_attrs.get('honest_gap', float('nan')):.4f}"
+        other = "gap" if end == "accuracy" else "accuracy"
+        print(f"tune: best trial taken from the front's {end} end "
+              f"({'highest val accuracy' if end == 'accuracy' else 'smallest honest gap'}); "
+              f"--front-end {other} takes the other end")
+    added = leader.user_attrs.get("added_run")
+    print(f"tune: best trial {leader.number}: val accuracy {_accuracy(leader):.4f}, "
+          f"honest gap {leader.user_attrs.get('honest_gap', float('nan')):.4f}"
           + (f" (the run {added}, added)" if added else ""))
+    return leader
+
+
+def point_of(trial: optuna.trial.FrozenTrial, tune: Tune) -> dict[str, Any]:
+    """A trial's point as trained (the rate after batch scaling), as the trial recorded it; an
+    added run's params are its own, as it trained."""
+    return trial.user_attrs.get("as_trained") or overrides(
+        {key: trial.params[key] for key in tune.space}, tune)
+
+
+def declare(studies: list[optuna.Study], tune: Tune, winner: optuna.trial.FrozenTrial | None,
+            holder: str, name: str, measured: str) -> dict[str, Any] | None:
+    """Record the study's winner on the active (parent) run and its trials' runs: its point as
+    `best.*` tags, its scores as `best_*` metrics, its trial and study, at what length it was
+    measured, and the description shown in the MLflow UI. `studies`: the study, then its
+    companion if any; `holder` names the study that holds the winner, `name` says which trial
+    it is, `measured` how it was trained."""
+    _tag_best(studies, winner)
+    trials = _summary(_counts(studies[0]))
+    if winner is None:
+        verdict = ("No winner: no complete trial has an honest gap within tune.max_gap "
+                   f"{tune.max_gap}.")
+        mlflow.set_tag(tracking.NOTE, f"Optuna study `{studies[0].study_name}`, one child run "
+                       f"per trial ({trials}). {verdict}")
+        return None
+    point = point_of(winner, tune)
+    accuracy, gap = _accuracy(winner), winner.user_attrs.get("honest_gap", float("nan"))
+    # not params: the best trial changes as the study goes on. Its point as tags (values of
+    # any type, once each), its scores as metrics (figures, rounded as evaluate rounds them)
+    mlflow.set_tags({"optuna.best_trial": str(winner.number), "optuna.best_study": holder,
+                     "optuna.best_measured": measured,
+                     **{f"best.{key}": str(value) for key, value in point.items()}})
+    mlflow.log_metrics(tracking.rounded({"best_val_accuracy": accuracy,
+                                         "best_honest_gap": gap}))
+    limit = f" (tune.max_gap {tune.max_gap})" if tune.max_gap is not None else ""
+    mlflow.set_tag(tracking.NOTE, (
+        f"Optuna study `{studies[0].study_name}`, one child run per trial ({trials}). Winner: "
+        f"{name}, {measured}: val_accuracy {accuracy:.4f}, honest_gap {gap:.4f}{limit}. "
+        "Chosen on validation accuracy; its point is in the best.* tags."))
     return point

@@ -35,6 +35,7 @@ import optuna
 
 import atomic
 import cli
+import confirmation
 import known_runs
 import progress
 import study_report
@@ -44,7 +45,7 @@ from fitting import fit
 from params import Tune, load_params, parse_tune, read_yaml, update_yaml
 from scoring import final_scores
 from search_space import as_nested, exp_run_command, overrides, sample, trial_params
-from shared_study import make_study, parent_run_id, run_study
+from shared_study import FINISHED, make_study, parent_run_id, run_study, study_lock
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
                     "artifacts, the best trial's point as best.* tags and its scores as "
@@ -97,15 +98,22 @@ class Pruning(keras.callbacks.Callback):
 
 
 class Objective:
-    def __init__(self, raw: dict, tune: Tune, train_split: Split, val_split: Split):
+    def __init__(self, raw: dict, tune: Tune, train_split: Split, val_split: Split,
+                 deadline: float | None):
         self.raw, self.tune = raw, tune
         self.train_split, self.val_split = train_split, val_split
-        self.deadline = time.monotonic() + tune.timeout if tune.timeout else None
+        self.deadline = deadline  # time.monotonic() at which the invocation's timeout passes
+        self.confirming = tune.study_name.endswith(confirmation.SUFFIX)
 
     def __call__(self, trial: optuna.Trial):
+        if self.confirming and confirmation.CONFIRMS not in trial.user_attrs:
+            raise cli.StageError(f"{self.tune.study_name}: trial {trial.number} has no point to "
+                                 "confirm (the study trains queued points only)")
         point = sample(trial, self.tune.space)
         params = trial_params(self.raw, point, self.tune)
         tags = {"optuna.study": self.tune.study_name, "optuna.trial": str(trial.number)}
+        if self.confirming:
+            tags["optuna.confirms"] = str(trial.user_attrs[confirmation.CONFIRMS])
         tags[tracking.CODE_TAG] = tracking.training_code()
         with tracking.run(run_name=f"{self.tune.study_name}-trial-{trial.number}", nested=True,
                           tags=tags) as run:
@@ -164,49 +172,121 @@ def tune(args: argparse.Namespace) -> dict:
     settings = {key: value for key, value in {
         "n_trials": args.n_trials, "timeout": args.timeout, "epochs": args.epochs,
         "train_limit": args.train_limit, "study_name": args.study_name,
-        "storage": args.storage, "pruner": args.pruner,
+        "storage": args.storage, "pruner": args.pruner, "confirm": args.confirm,
         "multi_objective": args.multi_objective or None,
     }.items() if value is not None}
     tune_settings = parse_tune(raw, settings)
+    if args.front_end and not tune_settings.multi_objective:
+        raise cli.UserError(f"--front-end {args.front_end}: a single-objective study has one "
+                            "best trial; the option picks an end of a multi-objective study's "
+                            "Pareto front")
+    end = args.front_end or "accuracy"
     processed = Path(params.paths.processed)
     if not (processed / "train.npz").is_file():
         raise cli.StageError(f"{processed}/train.npz is missing: run `dvc repro preprocess`")
-    train_split = load_split(processed, "train")
-    full_images = len(train_split)  # what the pipeline trains on at its current params
+    full_split = load_split(processed, "train")  # what the pipeline trains on at its params
+    train_split = full_split
     if tune_settings.train_limit:
         limit = tune_settings.train_limit
-        train_split = Split(train_split.images[:limit], train_split.labels[:limit])
+        train_split = Split(full_split.images[:limit], full_split.labels[:limit])
     val_split = load_split(processed, "val")
+    full_length = confirmation.is_full_length(tune_settings, len(train_split), len(full_split),
+                                              params.train.epochs)
+    confirming = confirmation.companion(tune_settings, params.train.epochs)
 
     experiment = f"{params.mlflow.experiment}-tune"
     tracking.configure(experiment, TUNE_DESCRIPTION, TUNE_COLUMNS)
-    known = [known_runs.as_trial(known_runs.find_run(name, params.mlflow.experiment), raw,
-                                 tune_settings, len(train_split), len(val_split),
-                                 allow_other_code=args.allow_other_code)
-             for name in args.add_run]
+    known, known_full = [], []  # short runs join the study, full-length ones its companion
+    for name in args.add_run:
+        run = known_runs.find_run(name, params.mlflow.experiment)
+        at_full = not full_length and known_runs.length(run) == (params.train.epochs,
+                                                                  len(full_split))
+        (known_full if at_full else known).append(known_runs.as_trial(
+            run, raw, confirming if at_full else tune_settings,
+            len(full_split) if at_full else len(train_split), len(val_split),
+            allow_other_code=args.allow_other_code))
     study = make_study(tune_settings, known, train_images=len(train_split))
-    objective = Objective(raw, tune_settings, train_split, val_split)
+    companion = None
+    if not full_length and (tune_settings.confirm or known_full):
+        companion = make_study(confirming, known_full, train_images=len(full_split))
+    deadline = time.monotonic() + tune_settings.timeout if tune_settings.timeout else None
     with tracking.run(run_id=parent_run_id(study, tune_settings, experiment,
                                            len(train_split))):
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags(invocation_tags(tune_settings, len(train_split)))
         if not args.report_only:
-            run_study(study, objective, tune_settings)
-        best = study_report.report(study, tune_settings)
+            run_study(study, Objective(raw, tune_settings, train_split, val_split, deadline),
+                      tune_settings)
+        leader = study_report.report(study, tune_settings, end, confirmed_in=companion and
+                                     companion.study_name)
+        short = f"{tune_settings.epochs} epochs on {len(train_split)} images"
+        full = f"{params.train.epochs} epochs on {len(full_split)} images"
+        winner, holder, measured = (leader, study, f"{full}, as the pipeline trains") \
+            if full_length else (None, study, short)
+        if companion is not None:
+            if not args.report_only:
+                confirm(study, companion, tune_settings, confirming, end,
+                        Objective(raw, confirming, full_split, val_split, deadline))
+            winner = study_report.report(companion, confirming, end, label="confirm")
+            holder, measured = companion, f"confirmed at the pipeline's length ({full})"
+            for line in confirmation.summary(study, companion, tune_settings):
+                print(f"tune: {line.strip()}")
+        point = study_report.declare([study, *([companion] if companion else [])],
+                                     tune_settings, winner, holder.study_name,
+                                     _winner_name(winner, holder), measured)
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
-    if best is None:
-        print("tune: no winner yet: no complete trial meets the constraints")
+    if point is None and leader is not None and not full_length:
+        print(f"tune: no confirmed winner yet: the best short trial is trial {leader.number} "
+              f"(val accuracy {leader.values[0]:.4f}, measured at {short}); "
+              + ("a rerun confirms it" if tune_settings.confirm else
+                 "tune.confirm is 0: nothing is confirmed at the pipeline's length"))
+        if args.apply_unconfirmed:
+            point, measured = study_report.point_of(leader, tune_settings), short
+    if point is None:
+        if args.apply:
+            raise cli.UserError("--apply: no confirmed winner to apply; params.yaml unchanged"
+                                + (" (--apply-unconfirmed applies the best short trial)"
+                                   if leader is not None and not full_length else ""))
+        if leader is None:
+            print("tune: no winner yet: no complete trial meets the constraints")
         return {}
-    atomic.write_text(params.paths.best_params, study_report.yaml_text(as_nested(best)))
-    print(f"tune: best params written to {params.paths.best_params}")
-    for line in winner_commands(best, tune_settings.epochs, len(train_split), full_images,
+    atomic.write_text(params.paths.best_params,
+                      f"# measured: {measured}\n" + study_report.yaml_text(as_nested(point)))
+    print(f"tune: best params written to {params.paths.best_params} ({measured})")
+    for line in winner_commands(point, tune_settings.epochs, len(train_split), len(full_split),
                                 params.train.epochs):
         print(f"tune: {line}")
-    if args.apply:
-        update_yaml("params.yaml", best)
-        print("tune: params.yaml updated; `dvc repro` trains the winner")
-    return best
+    if args.apply or args.apply_unconfirmed:
+        update_yaml("params.yaml", point)
+        print(f"tune: params.yaml updated with the winner measured at {measured}; `dvc repro` "
+              "trains it")
+    return point
+
+
+def _winner_name(winner: optuna.trial.FrozenTrial | None, holder: optuna.Study) -> str:
+    if winner is None:
+        return ""
+    return (f"trial {winner.number} of {holder.study_name!r}, confirming "
+            f"{confirmation.confirmed_number(winner)}"
+            if holder.study_name.endswith(confirmation.SUFFIX) else f"trial {winner.number}")
+
+
+def confirm(study: optuna.Study, companion: optuna.Study, tune: Tune, confirming: Tune,
+            end: str, objective: Objective) -> None:
+    """Train the study's best short trials again at the pipeline's length (confirmation.py),
+    once the study has all its trials; shared with the study's other workers."""
+    finished = study.get_trials(deepcopy=False, states=FINISHED)
+    if len(finished) < tune.n_trials:
+        print(f"tune: confirmation waits for the study's {tune.n_trials} trials "
+              f"({len(finished)} finished)")
+        return
+    with study_lock(tune):
+        queued = confirmation.queue(study, companion, tune, end)
+    if queued:
+        print(f"tune: confirming trials {', '.join(map(str, queued))} at "
+              f"{confirming.epochs} epochs on all images (study {companion.study_name!r})")
+    run_study(companion, objective, confirming, budget=confirmation.budget)
 
 
 def invocation_tags(tune: Tune, train_images: int) -> dict[str, str]:
@@ -252,8 +332,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "its winner)")
     parser.add_argument("--allow-other-code", action="store_true",
                         help="with --add-run: count a run trained by other training code")
+    parser.add_argument("--confirm", type=int, help="best trials trained again at the "
+                        "pipeline's length (default: tune.confirm)")
     parser.add_argument("--apply", action="store_true",
-                        help="write the best point into params.yaml (comments kept)")
+                        help="write the confirmed winner into params.yaml (comments kept)")
+    parser.add_argument("--apply-unconfirmed", action="store_true",
+                        help="with no confirmed winner, write the best short trial's point")
+    parser.add_argument("--front-end", choices=study_report.ENDS,
+                        help="multi-objective: the end of the Pareto front the winner is taken "
+                        "from (default: accuracy, the highest val accuracy)")
     return parser.parse_args(argv)
 
 

@@ -46,7 +46,7 @@ def study_with_gaps(tmp_path, gaps: list[float]) -> tuple[str, optuna.Study]:
 @pytest.mark.parametrize(("gaps", "winner"), [([0.05, 0.3], 0), ([0.2, 0.3], None)])
 def test_the_dashboard_shows_feasibility_and_the_winner(tmp_path, gaps, winner):
     storage, study = study_with_gaps(tmp_path, gaps)
-    best = study_report._best(study)
+    best = study_report.best(study)
     assert (best.number if best else None) == winner
     study_report._study_note(study, TUNE, best)
     detail = api(storage, f"/api/studies/{study._study_id}")
@@ -69,7 +69,7 @@ def test_the_dashboard_shows_feasibility_and_the_winner(tmp_path, gaps, winner):
 def test_the_accuracy_gap_figure_labels_the_winner_only(tmp_path, monkeypatch):
     # a number beside every point overlapped wherever trials scored alike
     storage, study = study_with_gaps(tmp_path, [0.05, 0.06, 0.07, 0.3, 0.3])
-    best = study_report._best(study)
+    best = study_report.best(study)
     labels = {}
 
     def keep_labels(figure, path):

@@ -104,9 +104,11 @@ def test_a_run_that_is_the_recipe_takes_its_place_and_is_not_trained_again(proje
     sh("git", "checkout", "params.yaml", cwd=project)  # dvc exp run left its values there
     storage = f"sqlite:///{project / 'optuna.db'}"
 
-    # a run that is not a point of the study (it trained on all 240 images): one line naming
-    # what differs, nothing created
+    # a run that is not a point of the study (it trained on all 240 images) nor a run at the
+    # pipeline's length (now 3 epochs): one line naming what differs, nothing created
+    update_yaml(project / "params.yaml", {"train.epochs": 3})
     refused = tune_py(project, "--train-limit", "100", "--add-run", "recipe-run", check=False)
+    sh("git", "checkout", "params.yaml", cwd=project)
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1] == (
         "tune: error: --add-run recipe-run: not a point of this study: it differs in "
@@ -140,3 +142,16 @@ def test_a_run_that_is_the_recipe_takes_its_place_and_is_not_trained_again(proje
     again = tune_py(project, "--n-trials", "2", "--add-run", "recipe-run").stdout
     assert f"is trial {added.number} already" in again
     assert len(optuna.load_study(study_name="regularization", storage=storage).trials) == 2
+
+    # a study of shorter trials counts the run (the pipeline's 2 epochs on all its images) as a
+    # confirmed trial as it is: its winner, with nothing trained at the pipeline's length
+    short = tune_py(project, "--epochs", "1", "--n-trials", "1", "--study-name", "short",
+                    "--confirm", "0", "--add-run", "recipe-run").stdout
+    (confirmed,) = optuna.load_study(study_name="short-confirm", storage=storage).trials
+    assert confirmed.user_attrs["added_run"] == "recipe-run" and confirmed.params == RECIPE
+    assert "the run recipe-run, added -> val accuracy" in short
+    assert "best params written to reports/best_params.yaml (confirmed at the pipeline's " \
+        "length (2 epochs on 240 images))" in short
+    (trial,) = optuna.load_study(study_name="short", storage=storage).get_trials(
+        states=(TrialState.COMPLETE,))
+    assert sorted(trial.intermediate_values) == [1]  # its own trial trained the short length

@@ -6,11 +6,12 @@ import numpy as np
 import optuna
 import pytest
 
+import known_runs
 import tune as tune_script
 from cli import UserError
 from conftest import NO_STARTING_POINTS, ROOT
 from params import ParamsError, parse_tune, read_yaml, with_overrides
-from search_space import as_nested, exp_run_command, sample, trial_params
+from search_space import as_nested, distributions, exp_run_command, sample, trial_params
 from shared_study import make_study
 from tune import Pruning
 
@@ -137,6 +138,38 @@ def test_a_late_learning_starting_point_survives_a_recipe_ahead_at_the_first_run
     assert any(key.startswith("completed_rung") for key in variant.system_attrs)  # it competed
 
 
+def test_an_added_run_competes_at_the_rungs_with_its_own_curve(tmp_path):
+    """A finished run added to a study (known_runs.py) reaches the pruner's rungs with the value
+    it had at each rung's epoch, as a trial trained there would: a later trial is compared with
+    it."""
+    raw = with_overrides(read_yaml(ROOT / "params.yaml"), {
+        "tune.pruner": "hyperband", "tune.min_epochs": 2, "tune.epochs": 6,
+        "tune.recipe": None, "tune.variants": [],
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    tune = parse_tune(raw)
+    study = make_study(tune)
+    point = {key: spec.choices[0] if hasattr(spec, "choices") else spec.low
+             for key, spec in tune.space.items()}
+    curve = {1: 0.3, 2: 0.6, 3: 0.62, 4: 0.7, 5: 0.75, 6: 0.8}
+    added = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, value=0.8, params=point,
+        distributions=distributions(tune.space), intermediate_values=curve,
+        user_attrs={"pipeline_run_id": "0" * 32, "added_run": "a-run",
+                    "val_accuracy_final": 0.8, "honest_gap": 0.05})
+    known_runs.add(study, [added])
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.8
+    assert trial.intermediate_values == curve and trial.user_attrs["added_run"] == "a-run"
+    assert trial.system_attrs["completed_rung_0"] == 0.6  # epoch 2's value, not its last
+    # a sampled trial behind it at the first rung is pruned there (bootstrap count 0: one
+    # competitor is enough)
+    weak = study.ask()
+    weak.report(0.1, 1)
+    assert not weak.should_prune()
+    weak.report(0.2, 2)
+    assert weak.should_prune()
+
+
 def test_a_study_refuses_an_invocation_that_changes_what_its_trials_mean(tmp_path):
     raw = with_overrides(RAW, {"tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
     tune = parse_tune(raw)
@@ -220,6 +253,6 @@ def test_a_trial_is_scored_under_the_policy_it_trained_in(tmp_path, monkeypatch)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("scoring")
     study = optuna.create_study(directions=["maximize", "minimize"])
-    study.optimize(tune_script.Objective(raw, tune, split, split), n_trials=1)
+    study.optimize(tune_script.Objective(raw, tune, split, split, None), n_trials=1)
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
     assert seen == ["mixed_float16"]  # "on" with TensorFlow, as trained; not float32 after reset

@@ -100,11 +100,11 @@ def test_an_infeasible_trial_is_never_the_best():
         study.add_trial(create_trial(
             state=TrialState.COMPLETE, value=accuracy, params={"model.dropout": number / 10},
             distributions=space, system_attrs={"constraints:honest_gap": over}))
-    best = study_report._best(study)
+    best = study_report.best(study)
     assert best.number == 2 and best.value == 0.8  # 0.9 is over max_gap, 0.8 is exactly at it
     study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.95, params={
         "model.dropout": 0.4}, distributions=space, system_attrs={"constraints:honest_gap": 1}))
-    assert study_report._best(study).number == 2
+    assert study_report.best(study).number == 2
 
 
 def test_with_no_feasible_trial_there_is_no_winner():
@@ -113,7 +113,7 @@ def test_with_no_feasible_trial_there_is_no_winner():
         state=TrialState.COMPLETE, value=0.9, params={"model.dropout": 0.1},
         distributions={"model.dropout": FloatDistribution(0.0, 0.5)},
         system_attrs={"constraints:honest_gap": 0.2}))
-    assert study_report._best(study) is None
+    assert study_report.best(study) is None
 
 
 VARIANTS = [{"augment.crop": 0}]
