@@ -11,14 +11,16 @@ training images, its own full schedule; a configuration with an entry in its `pr
 study's trial of it is, is not trained again. The overrides apply to params.yaml as it is in the
 working directory: run it where params.yaml holds the defaults, not after `dvc exp run` has
 applied an experiment to the workspace. The script prints each one's validation accuracy and honest
-gap under the preset beside its 50-epoch figures, and the Spearman rank correlations of preset
-validation accuracy with 50-epoch test accuracy and of the two gaps. It asserts nothing.
+gap under the preset beside its 50-epoch figures, its cost (CPU and wall minutes), and the
+Spearman rank correlations of preset validation accuracy with 50-epoch test accuracy and of the
+two gaps. It asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,9 @@ from scoring import final_scores  # noqa: E402
 
 
 def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) -> dict:
+    """A trial of the configuration under the preset: its scores, and its cost in minutes of
+    CPU time (this process, all threads) and of wall time."""
+    cpu, wall = time.process_time(), time.monotonic()
     params = parse_params(with_overrides(raw, {**overrides, "train.epochs": epochs}))
     train = load_split(params.paths.processed, "train")
     val = load_split(params.paths.processed, "val")
@@ -48,7 +53,9 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
     result = fit(params, train, val)
     val_accuracy, gap = final_scores(result, train, params.evaluate.batch_size)
     keras.backend.clear_session()
-    return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap}
+    return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap,
+            "cpu_minutes": (time.process_time() - cpu) / 60,
+            "wall_minutes": (time.monotonic() - wall) / 60}
 
 
 def measured_preset(config: dict, epochs: int, limit: int | None) -> dict | None:
@@ -81,17 +88,23 @@ def main() -> None:
         else:
             print(f"fidelity: {name}: preset figures from {preset['source']}")
             scores = {"preset_val_accuracy": preset["val_accuracy"],
-                      "preset_honest_gap": preset["honest_gap"]}
+                      "preset_honest_gap": preset["honest_gap"],
+                      "cpu_minutes": preset.get("cpu_minutes"),
+                      "wall_minutes": preset.get("wall_minutes")}
         rows.append({"name": name, **scores, "test_accuracy_50": config["test_accuracy"],
                      "honest_gap_50": config["honest_gap"]})
     table = pd.DataFrame(rows).set_index("name")
     print(table.to_string(float_format="%.4f"))
-    known = table.dropna()
+    known = table.dropna(subset=["preset_val_accuracy", "preset_honest_gap", "test_accuracy_50",
+                                 "honest_gap_50"])
     if len(known) >= 3:
         accuracy = known["preset_val_accuracy"].corr(known["test_accuracy_50"], "spearman")
         gap = known["preset_honest_gap"].corr(known["honest_gap_50"], "spearman")
         print(f"Spearman rank correlation over {len(known)} configurations: accuracy "
               f"{accuracy:.3f}, honest gap {gap:.3f}")
+    if table["cpu_minutes"].notna().any():
+        print(f"cost per trial: {table['cpu_minutes'].mean():.1f} CPU minutes, "
+              f"{table['wall_minutes'].mean():.1f} wall minutes (mean over the trials timed)")
     if args.json:
         atomic.write_json(args.json, {"epochs": epochs, "train_limit": limit,
                                       "rows": table.reset_index().to_dict("records")})

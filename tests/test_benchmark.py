@@ -6,6 +6,7 @@ It checks that the benchmark works, never how fast anything is.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,10 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
     assert all(0 <= row["preset_val_accuracy"] <= 1 for row in rows.values())
     assert (rows["e"]["preset_val_accuracy"], rows["e"]["preset_honest_gap"]) == (0.123, 0.045)
     assert rows["f"]["preset_val_accuracy"] != 0.123
+    # what each trial cost, timed where it trained (e's figures came from elsewhere, untimed)
+    assert rows["a"]["cpu_minutes"] > 0 and rows["a"]["wall_minutes"] > 0
+    assert math.isnan(rows["e"]["cpu_minutes"])
+    assert "cost per trial: " in result.stdout
 
 
 def test_bench_step_compares_policies(tmp_path):
