@@ -41,16 +41,21 @@ def is_full_length(tune: Tune, trial_images: int, pipeline_images: int,
     return tune.epochs == pipeline_epochs and trial_images == pipeline_images
 
 
+HELD = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+
+
 def queue(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str) -> list[int]:
     """Queue the points of the study's `tune.confirm` best trials in the companion study, unless
-    it holds them (queued, trained or added); return the numbers of the trials queued."""
+    it holds them (queued, running, trained or added; a point whose confirmation failed is
+    queued again); return the numbers of the trials queued."""
+    held = [t.system_attrs.get("fixed_params", t.params)
+            for t in confirming.get_trials(deepcopy=False, states=HELD)]
     queued = []
     for trial in ranked(study, end)[:tune.confirm]:
         point = {key: trial.params[key] for key in tune.space}
-        before = len(confirming.get_trials(deepcopy=False))
-        confirming.enqueue_trial(point, user_attrs={CONFIRMS: trial.number},
-                                 skip_if_exists=True)
-        if len(confirming.get_trials(deepcopy=False)) > before:
+        if point not in held:
+            confirming.enqueue_trial(point, user_attrs={CONFIRMS: trial.number})
+            held.append(point)
             queued.append(trial.number)
     return queued
 

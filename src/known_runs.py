@@ -151,7 +151,7 @@ def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
 def add(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
     """Add each trial whose run the study does not hold yet (`replay`); say what was added."""
     held = {t.user_attrs.get("pipeline_run_id"): t.number
-            for t in study.get_trials(deepcopy=False)}
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     for trial in trials:
         run_id = trial.user_attrs["pipeline_run_id"]
         if run_id in held:
@@ -178,9 +178,13 @@ def replay(study: optuna.Study, trial: FrozenTrial) -> int:
     live = optuna.Trial(study, added._trial_id)
     with warnings.catch_warnings():  # about heartbeats, which an added trial does not need
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
-        for step, value in sorted(trial.intermediate_values.items()):
-            live.report(value, step)
-            if len(study.directions) == 1:  # Optuna prunes single objectives only
-                live.should_prune()
-        study.tell(live, trial.values if len(trial.values) > 1 else trial.values[0])
+        try:
+            for step, value in sorted(trial.intermediate_values.items()):
+                live.report(value, step)
+                if len(study.directions) == 1:  # Optuna prunes single objectives only
+                    live.should_prune()
+            study.tell(live, trial.values if len(trial.values) > 1 else trial.values[0])
+        except BaseException:  # never left RUNNING: with no heartbeat, nothing would fail it
+            study.tell(live, state=TrialState.FAIL)
+            raise
     return added.number

@@ -183,9 +183,11 @@ def study_settings(tune: Tune, train_images: int) -> dict[str, str]:
 
 
 def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
-              tune: Tune, budget: Callable[[optuna.Study], int] | None = None) -> None:
+              tune: Tune, budget: Callable[[optuna.Study], int] | None = None,
+              deadline: float | None = None) -> None:
     """Run trials until the study has `n_trials` finished ones (or the timeout passes);
-    `budget(study)`, read under the lock at each turn, replaces `n_trials` where given.
+    `budget(study)`, read under the lock at each turn, replaces `n_trials` where given;
+    `deadline` (time.monotonic()) is the invocation's, when its timeout started before.
 
     Finished means complete or pruned: a pruned trial got its verdict. Failed trials do not
     count; a dead worker's trial is retried. A worker checks the budget and takes its trial
@@ -195,7 +197,8 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
     failed and retried here: the study ends with exactly `n_trials` finished trials and none
     left RUNNING.
     """
-    deadline = time.monotonic() + tune.timeout if tune.timeout else None
+    if deadline is None and tune.timeout:
+        deadline = time.monotonic() + tune.timeout
     lock = study_lock(tune)
 
     def started(trial: optuna.Trial):  # the trial is RUNNING in the storage: others count it

@@ -60,6 +60,11 @@ TUNE_COLUMNS = ("metrics.val_accuracy_final", "metrics.honest_gap", "tags.optuna
                 "params.augment.cutmix")
 
 
+# the user attrs a queued point is given (shared_study.make_study, confirmation.queue): a
+# timed-out trial's point is queued again with them
+QUEUED_ATTRS = ("recipe", "recipe_variant", confirmation.CONFIRMS)
+
+
 class TimeoutReached(Exception):
     """The invocation's --timeout passed during a trial (Optuna records the trial as FAIL)."""
 
@@ -142,8 +147,11 @@ class Objective:
             except TimeoutReached as stopped:  # its point is trained again by the next run
                 mlflow.set_tag("optuna.state", "FAIL")
                 mlflow.end_run("KILLED")
+                # what it stands for (a starting point, a confirmation) goes with it
+                kept = {key: value for key, value in trial.user_attrs.items()
+                        if key in QUEUED_ATTRS}
                 trial.study.enqueue_trial(trial.params, user_attrs={
-                    "timed_out_trial": trial.number})
+                    **kept, "timed_out_trial": trial.number})
                 print(f"tune: trial {trial.number} {stopped}; its point is queued for the next "
                       "invocation")
                 raise
@@ -216,7 +224,7 @@ def tune(args: argparse.Namespace) -> dict:
         mlflow.set_tags(invocation_tags(tune_settings, len(train_split)))
         if not args.report_only:
             run_study(study, Objective(raw, tune_settings, train_split, val_split, deadline),
-                      tune_settings)
+                      tune_settings, deadline=deadline)
         leader = study_report.report(study, tune_settings, end, confirmed_in=companion and
                                      companion.study_name)
         short = f"{tune_settings.epochs} epochs on {len(train_split)} images"
@@ -237,10 +245,13 @@ def tune(args: argparse.Namespace) -> dict:
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
     if point is None and leader is not None and not full_length:
-        print(f"tune: no confirmed winner yet: the best short trial is trial {leader.number} "
-              f"(val accuracy {leader.values[0]:.4f}, measured at {short}); "
-              + ("a rerun confirms it" if tune_settings.confirm else
-                 "tune.confirm is 0: nothing is confirmed at the pipeline's length"))
+        confirmed = companion is not None and companion.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        why = ("no confirmed trial has an honest gap within tune.max_gap" if confirmed
+               else "tune.confirm is 0: nothing is confirmed at the pipeline's length"
+               if not tune_settings.confirm else "its confirmation is not done: a rerun does it")
+        print(f"tune: no confirmed winner: {why}; the best short trial is trial "
+              f"{leader.number} (val accuracy {leader.values[0]:.4f}, measured at {short})")
         if args.apply_unconfirmed:
             point, measured = study_report.point_of(leader, tune_settings), short
     if point is None:
@@ -286,7 +297,8 @@ def confirm(study: optuna.Study, companion: optuna.Study, tune: Tune, confirming
     if queued:
         print(f"tune: confirming trials {', '.join(map(str, queued))} at "
               f"{confirming.epochs} epochs on all images (study {companion.study_name!r})")
-    run_study(companion, objective, confirming, budget=confirmation.budget)
+    run_study(companion, objective, confirming, budget=confirmation.budget,
+              deadline=objective.deadline)
 
 
 def invocation_tags(tune: Tune, train_images: int) -> dict[str, str]:

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from conftest import NO_STARTING_POINTS, sh, tool_env
 from params import read_yaml, update_yaml
+from search_space import distributions
 
 pytestmark = pytest.mark.slow
 
@@ -48,24 +49,29 @@ def runs(project):
     return mlflow.search_runs(experiment_names=["cifar10-alexnet-tune"], output_format="list")
 
 
-def test_the_best_short_trial_is_trained_at_full_length_and_wins(short):
+def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_wins(short):
+    update_yaml(short / "params.yaml", {"tune.confirm": 2})
     out = tune(short, "--n-trials", "3", "--apply").stdout
     study, companion = load(short, "regularization"), load(short, "regularization-confirm")
-    leader = max((t for t in study.trials if t.state == TrialState.COMPLETE),
-                 key=lambda t: t.value)
-    (confirmed,) = companion.trials
-    assert confirmed.state == TrialState.COMPLETE
-    assert confirmed.user_attrs["confirms"] == leader.number
-    assert confirmed.params == leader.params
-    assert sorted(confirmed.intermediate_values) == [1, 2]  # train.epochs, not the proxy's 1
-    assert f"confirming trials {leader.number} at 2 epochs on all images" in out
+    first, second = sorted((t for t in study.trials if t.state == TrialState.COMPLETE),
+                           key=lambda t: t.value, reverse=True)[:2]
+    assert [t.state for t in companion.trials] == [TrialState.COMPLETE] * 2
+    assert [t.user_attrs["confirms"] for t in companion.trials] == [first.number, second.number]
+    assert [t.params for t in companion.trials] == [first.params, second.params]
+    for trial in companion.trials:  # train.epochs, not the proxy's 1
+        assert sorted(trial.intermediate_values) == [1, 2]
+    assert f"confirming trials {first.number}, {second.number} at 2 epochs on all images" in out
+    # the winner: the best validation accuracy at full length, whatever the short ranking said
+    confirmed = max(companion.trials, key=lambda t: t.value)
 
     # tracked under the study's parent run, at the pipeline's length
     found = runs(short)
     (parent,) = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
-    (run,) = [r for r in found if r.data.tags.get("optuna.confirms")]
+    confirming = [r for r in found if r.data.tags.get("optuna.confirms")]
+    assert len(confirming) == 2
+    (run,) = [r for r in confirming
+              if r.data.tags["optuna.confirms"] == str(confirmed.user_attrs["confirms"])]
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert run.data.tags["optuna.confirms"] == str(leader.number)
     assert run.data.params["train.epochs"] == "2"
     assert run.data.params["data.train_images"] == "240"
     assert run.data.tags["optuna.best"] == "true"
@@ -73,8 +79,8 @@ def test_the_best_short_trial_is_trained_at_full_length_and_wins(short):
     assert parent.data.tags["optuna.best_measured"].startswith(
         "confirmed at the pipeline's length")
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(confirmed.value, abs=1e-6)
-    assert "Winner: trial 0 of 'regularization-confirm', confirming trial" in \
-        parent.data.tags["mlflow.note.content"]
+    assert f"Winner: trial {confirmed.number} of 'regularization-confirm', confirming trial " \
+        f"{confirmed.user_attrs['confirms']}" in parent.data.tags["mlflow.note.content"]
 
     # --apply wrote the confirmed point, and best_params.yaml says how it was measured
     applied = read_yaml(short / "params.yaml")
@@ -84,7 +90,7 @@ def test_the_best_short_trial_is_trained_at_full_length_and_wins(short):
 
     # a rerun finds everything done: no trial trained again in either study
     again = tune(short, "--n-trials", "3").stdout
-    assert len(load(short, "regularization-confirm").trials) == 1
+    assert len(load(short, "regularization-confirm").trials) == 2
     assert len(load(short, "regularization").trials) == 3
     assert "confirming trials" not in again
 
@@ -125,6 +131,45 @@ def test_a_confirmation_killed_mid_way_is_retried_by_the_next_invocation(short):
     assert retry.params == first.params
     assert retry.user_attrs["confirms"] == first.user_attrs["confirms"]
     assert len(load(short, "regularization").trials) == 2  # the short trials were not redone
+
+
+def test_a_confirmation_cut_by_the_timeout_is_queued_again_as_a_confirmation(tmp_path):
+    """The invocation's --timeout stops a confirming trial after an epoch; its point is queued
+    again with the trial it confirms, and `confirmation.queue` does not queue it twice."""
+    import numpy as np
+
+    import cifar
+    import confirmation
+    import tune as tune_script
+    from conftest import ROOT, TINY
+    from params import parse_tune, with_overrides
+    from shared_study import make_study
+
+    raw = with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
+        **NO_STARTING_POINTS, "tune.space": SMALL_SPACE, "tune.max_gap": None,
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    tune_settings = parse_tune(raw, {"epochs": 1})
+    study = make_study(tune_settings)
+    study.add_trial(optuna.trial.create_trial(
+        value=0.5, params={"model.dropout": 0.1, "train.learning_rate": 0.01},
+        distributions=distributions(tune_settings.space)))
+    confirming = confirmation.companion(tune_settings, pipeline_epochs=3)
+    companion = make_study(confirming)
+    assert confirmation.queue(study, companion, tune_settings, "accuracy") == [0]
+    rng = np.random.default_rng(0)
+    split = cifar.Split(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+                        rng.integers(0, 10, 64).astype(np.uint8))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("confirm")
+    passed = time.monotonic() - 1  # the invocation's timeout has passed: stop after an epoch
+    companion.optimize(tune_script.Objective(raw, confirming, split, split, passed),
+                       n_trials=1, catch=(tune_script.TimeoutReached,))
+    cut, queued = companion.trials
+    assert cut.state == TrialState.FAIL and len(cut.intermediate_values) == 1
+    assert queued.state == TrialState.WAITING
+    assert queued.user_attrs["confirms"] == 0 and queued.user_attrs["timed_out_trial"] == 0
+    assert confirmation.queue(study, companion, tune_settings, "accuracy") == []  # held
+    assert confirmation.budget(companion) == 1
 
 
 def _confirming(project) -> bool:
