@@ -179,11 +179,19 @@ def test_three_workers_started_together_share_one_postgres_study(tuned, database
     assert len({t.number for t in trials}) == len(trials)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     for trial in trials:
-        (run,) = [r for r in runs if r.data.tags.get("optuna.trial") == str(trial.number)]
+        (run,) = [r for r in runs if r.data.tags.get("optuna.trial") == str(trial.number)
+                  and r.data.tags["optuna.study"] == STUDY]
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["optuna.state"] == "COMPLETE" and run.info.status == "FINISHED"
         assert run.data.metrics["val_accuracy_final"] == pytest.approx(trial.value, abs=1e-6)
+    # the three workers then shared the confirmation of the best two (tune.confirm) at the
+    # pipeline's length: each confirmed once, none twice, none failed
+    confirmed = optuna.load_study(study_name=f"{STUDY}-confirm", storage=database.url).trials
+    assert [t.state for t in confirmed] == [TrialState.COMPLETE] * 2
+    best = sorted(trials, key=lambda t: t.value, reverse=True)[:2]
+    assert sorted(t.user_attrs["confirms"] for t in confirmed) == sorted(t.number for t in best)
+    assert len([r for r in runs if r.data.tags.get("optuna.confirms")]) == 2
 
 
 @pytest.mark.postgres
