@@ -255,12 +255,12 @@ def tune(args: argparse.Namespace) -> dict:
         if args.apply_unconfirmed:
             point, measured = study_report.point_of(leader, tune_settings), short
     if point is None:
-        if args.apply:
-            raise cli.UserError("--apply: no confirmed winner to apply; params.yaml unchanged"
-                                + (" (--apply-unconfirmed applies the best short trial)"
-                                   if leader is not None and not full_length else ""))
+        if args.apply and leader is not None and not full_length:
+            raise cli.UserError("--apply: no confirmed winner to apply; params.yaml unchanged "
+                                "(--apply-unconfirmed applies the best short trial)")
         if leader is None:
-            print("tune: no winner yet: no complete trial meets the constraints")
+            print("tune: no winner yet: no complete trial meets the constraints"
+                  + ("; nothing applied" if args.apply or args.apply_unconfirmed else ""))
         return {}
     atomic.write_text(params.paths.best_params,
                       f"# measured: {measured}\n" + study_report.yaml_text(as_nested(point)))
