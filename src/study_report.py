@@ -196,10 +196,12 @@ def best(study: optuna.Study, end: str = "accuracy") -> optuna.trial.FrozenTrial
 
 
 def report(study: optuna.Study, tune: Tune, end: str = "accuracy", label: str = "study",
-           confirmed_in: str | None = None) -> optuna.trial.FrozenTrial | None:
+           confirmed_in: str | None = None, title: str = "best trial"
+           ) -> optuna.trial.FrozenTrial | None:
     """Log the study report to the active (parent) run, its files under `label` (its metrics
-    prefixed by it unless it is "study"); return its best trial or None. `confirmed_in`: the
-    companion study that confirms this one's best trials (confirmation.py)."""
+    prefixed by it unless it is "study"); return its best trial (printed as `title`) or None.
+    `confirmed_in`: the companion study that confirms this one's best trials
+    (confirmation.py)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     counts = _counts(study)
     prefix = "" if label == "study" else f"{label}_"
@@ -228,7 +230,7 @@ def report(study: optuna.Study, tune: Tune, end: str = "accuracy", label: str = 
               f"({'highest val accuracy' if end == 'accuracy' else 'smallest honest gap'}); "
               f"--front-end {other} takes the other end")
     added = leader.user_attrs.get("added_run")
-    print(f"tune: best trial {leader.number}: val accuracy {_accuracy(leader):.4f}, "
+    print(f"tune: {title} {leader.number}: val accuracy {_accuracy(leader):.4f}, "
           f"honest gap {leader.user_attrs.get('honest_gap', float('nan')):.4f}"
           + (f" (the run {added}, added)" if added else ""))
     return leader
@@ -249,7 +251,8 @@ def declare(studies: list[optuna.Study], tune: Tune, winner: optuna.trial.Frozen
     companion if any; `holder` names the study that holds the winner, `name` says which trial
     it is, `measured` how it was trained."""
     _tag_best(studies, winner)
-    trials = _summary(_counts(studies[0]))
+    trials = _summary(_counts(studies[0])) + "".join(
+        f"; its confirmations: {_summary(_counts(study))}" for study in studies[1:])
     if winner is None:
         verdict = ("No winner: no complete trial has an honest gap within tune.max_gap "
                    f"{tune.max_gap}.")

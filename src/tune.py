@@ -54,7 +54,8 @@ TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as param
 
 
 # the runs table's columns in the MLflow UI (tracking.runs_url)
-TUNE_COLUMNS = ("metrics.val_accuracy_final", "metrics.honest_gap", "tags.optuna.feasible",
+TUNE_COLUMNS = ("metrics.val_accuracy_final", "metrics.honest_gap", "params.train.epochs",
+                "params.data.train_images", "tags.optuna.confirms", "tags.optuna.feasible",
                 "tags.optuna.state", "params.model.dropout", "params.train.learning_rate",
                 "params.train.batch_size", "params.augment.cutout", "params.augment.mixup",
                 "params.augment.cutmix")
@@ -229,16 +230,17 @@ def tune(args: argparse.Namespace) -> dict:
                                      companion.study_name)
         short = f"{tune_settings.epochs} epochs on {len(train_split)} images"
         full = f"{params.train.epochs} epochs on {len(full_split)} images"
-        winner, holder, measured = (leader, study, f"{full}, as the pipeline trains") \
-            if full_length else (None, study, short)
+        winner, holder, measured = (leader, study, f"{full}, the pipeline's length") \
+            if full_length else (None, study, f"not confirmed: {short} only")
         if companion is not None:
             if not args.report_only:
                 confirm(study, companion, tune_settings, confirming, end,
                         Objective(raw, confirming, full_split, val_split, deadline))
-            winner = study_report.report(companion, confirming, end, label="confirm")
-            holder, measured = companion, f"confirmed at the pipeline's length ({full})"
             for line in confirmation.summary(study, companion, tune_settings):
                 print(f"tune: {line.strip()}")
+            winner = study_report.report(companion, confirming, end, label="confirm",
+                                         title="winner: confirmed trial")
+            holder, measured = companion, f"confirmed at the pipeline's length, {full}"
         point = study_report.declare([study, *([companion] if companion else [])],
                                      tune_settings, winner, holder.study_name,
                                      _winner_name(winner, holder), measured)
@@ -253,7 +255,7 @@ def tune(args: argparse.Namespace) -> dict:
         print(f"tune: no confirmed winner: {why}; the best short trial is trial "
               f"{leader.number} (val accuracy {leader.values[0]:.4f}, measured at {short})")
         if args.apply_unconfirmed:
-            point, measured = study_report.point_of(leader, tune_settings), short
+            point = study_report.point_of(leader, tune_settings)
     if point is None:
         if args.apply and leader is not None and not full_length:
             raise cli.UserError("--apply: no confirmed winner to apply; params.yaml unchanged "
@@ -270,7 +272,7 @@ def tune(args: argparse.Namespace) -> dict:
         print(f"tune: {line}")
     if args.apply or args.apply_unconfirmed:
         update_yaml("params.yaml", point)
-        print(f"tune: params.yaml updated with the winner measured at {measured}; `dvc repro` "
+        print(f"tune: params.yaml updated with the winner ({measured}); `dvc repro` "
               "trains it")
     return point
 

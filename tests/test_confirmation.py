@@ -86,7 +86,7 @@ def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_w
     applied = read_yaml(short / "params.yaml")
     assert applied["model"]["dropout"] == pytest.approx(confirmed.params["model.dropout"])
     best = (short / "reports/best_params.yaml").read_text()
-    assert best.startswith("# measured: confirmed at the pipeline's length (2 epochs on 240")
+    assert best.startswith("# measured: confirmed at the pipeline's length, 2 epochs on 240 ")
 
     # a rerun finds everything done: no trial trained again in either study
     again = tune(short, "--n-trials", "3").stdout
@@ -104,7 +104,8 @@ def test_apply_refuses_a_winner_measured_only_on_short_trials(short):
                            "unchanged (--apply-unconfirmed"), refused.stderr
     assert (short / "params.yaml").read_text() == before
     out = tune(short, "--n-trials", "2", "--confirm", "0", "--apply-unconfirmed").stdout
-    assert "params.yaml updated with the winner measured at 1 epochs on 240 images" in out
+    assert "params.yaml updated with the winner (not confirmed: 1 epochs on 240 images only)" \
+        in out
     assert (short / "params.yaml").read_text() != before
 
 

@@ -151,7 +151,7 @@ def test_a_run_that_is_the_recipe_takes_its_place_and_is_not_trained_again(proje
     assert confirmed.user_attrs["added_run"] == "recipe-run" and confirmed.params == RECIPE
     assert "the run recipe-run, added -> val accuracy" in short
     assert "best params written to reports/best_params.yaml (confirmed at the pipeline's " \
-        "length (2 epochs on 240 images))" in short
+        "length, 2 epochs on 240 images)" in short
     (trial,) = optuna.load_study(study_name="short", storage=storage).get_trials(
         states=(TrialState.COMPLETE,))
     assert sorted(trial.intermediate_values) == [1]  # its own trial trained the short length

@@ -14,6 +14,7 @@ import mlflow
 import pytest
 import sqlalchemy
 
+import tracking
 from conftest import sh
 from params import update_yaml
 from tracking import run as tracked_run
@@ -109,3 +110,18 @@ def test_an_interrupt_swallowed_by_a_weakref_callback_is_raised_again(tmp_path):
             time.sleep(30)  # the signal is sent again and lands here
     client = mlflow.tracking.MlflowClient()
     assert client.get_run(active.info.run_id).info.status == "KILLED"
+
+
+def test_the_runs_view_follows_the_code_and_a_user_s_description_stays(tmp_path, monkeypatch):
+    """The stored column view (ours) is rewritten when the code's columns change; a description
+    someone wrote in the UI is kept."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.configure("views", "first description", ("metrics.val_accuracy",))
+    client = mlflow.tracking.MlflowClient()
+    found = client.get_experiment_by_name("views")
+    client.set_experiment_tag(found.experiment_id, tracking.NOTE, "written in the UI")
+    tracking.configure("views", "first description", ("metrics.val_accuracy", "params.seed"))
+    tags = client.get_experiment_by_name("views").tags
+    assert tags[tracking.NOTE] == "written in the UI"
+    view = json.loads(tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"])
+    assert view["selectedColumns"] == ["metrics.`val_accuracy`", "params.`seed`"]

@@ -89,8 +89,8 @@ def test_study_tracks_trials_and_writes_the_winner(tuned):
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best_trial.value, abs=1e-6)
     # the parent run's description in the UI names the study's winner and how it was measured
     # (its trials train as the pipeline does: 2 epochs on all images, nothing to confirm)
-    assert f"Winner: trial {best_trial.number}, 2 epochs on 240 images, as the pipeline " \
-        f"trains: val_accuracy {best_trial.value:.4f}" in parent.data.tags["mlflow.note.content"]
+    assert f"Winner: trial {best_trial.number}, 2 epochs on 240 images, the pipeline's " \
+        f"length: val_accuracy {best_trial.value:.4f}" in parent.data.tags["mlflow.note.content"]
     assert parent.data.tags["optuna.best_study"] == "regularization"
     assert "240 images): dvc exp run -S" in out.stdout and "data.train_limit" not in out.stdout
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
