@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity.py          # docs/fidelity/configs.yaml, the tune preset
     python benchmarks/fidelity.py CONFIGS.yaml --epochs 10 --train-limit 20000 --json out.json
+    python benchmarks/fidelity.py --stopped-at 30   # the full runs themselves, stopped early
 
 Needs the preprocessed data (`dvc repro preprocess`). Every configuration in CONFIGS.yaml (name:
 {overrides: {params key: value}, test_accuracy, honest_gap}, the last two from its 50-epoch run)
@@ -14,6 +15,11 @@ applied an experiment to the workspace. The script prints each one's validation 
 gap under the preset beside its 50-epoch figures, its cost (CPU and wall minutes), and the
 Spearman rank correlations of preset validation accuracy with 50-epoch test accuracy and of the
 two gaps. It asserts nothing.
+
+`--stopped-at K` trains nothing: it ranks the configurations by their own 50-epoch run's
+validation accuracy at epoch K (`val_curve` in CONFIGS.yaml), what a study of full-length trials
+sees when it stops (prunes) them there; K/50 of a full run's cost, no honest gap (that needs the
+stopped model).
 """
 
 from __future__ import annotations
@@ -72,8 +78,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs per configuration (tune.epochs)")
     parser.add_argument("--train-limit", type=int, help="training images (tune.train_limit)")
     parser.add_argument("--only", nargs="*", help="names of the configurations to train")
+    parser.add_argument("--stopped-at", type=int, metavar="K",
+                        help="train nothing: rank by each full run's val accuracy at epoch K")
     parser.add_argument("--json", help="also write the table to this JSON file")
     args = parser.parse_args()
+    if args.stopped_at:
+        return stopped_at(args)
     raw = read_yaml("params.yaml")
     tune = parse_tune(raw)
     epochs, limit = args.epochs or tune.epochs, args.train_limit or tune.train_limit
@@ -107,6 +117,26 @@ def main() -> None:
               f"{table['wall_minutes'].mean():.1f} wall minutes (mean over the trials timed)")
     if args.json:
         atomic.write_json(args.json, {"epochs": epochs, "train_limit": limit,
+                                      "rows": table.reset_index().to_dict("records")})
+
+
+def stopped_at(args: argparse.Namespace) -> None:
+    """The full runs stopped at epoch K as the proxy: their `val_curve` against their end."""
+    rows = []
+    for name, config in read_yaml(args.configs).items():
+        curve = config.get("val_curve") or {}
+        if args.stopped_at not in curve:
+            raise cli.UserError(f"--stopped-at {args.stopped_at}: {name} has no val_curve entry "
+                                f"for epoch {args.stopped_at} (it has {sorted(curve)})")
+        rows.append({"name": name, "val_accuracy_at_k": curve[args.stopped_at],
+                     "test_accuracy_50": config["test_accuracy"]})
+    table = pd.DataFrame(rows).set_index("name")
+    print(table.to_string(float_format="%.4f"))
+    accuracy = table["val_accuracy_at_k"].corr(table["test_accuracy_50"], "spearman")
+    print(f"Spearman rank correlation over {len(table)} configurations, the runs stopped at "
+          f"epoch {args.stopped_at}: accuracy {accuracy:.3f}")
+    if args.json:
+        atomic.write_json(args.json, {"stopped_at": args.stopped_at,
                                       "rows": table.reset_index().to_dict("records")})
 
 

@@ -93,6 +93,29 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
     assert "cost per trial: " in result.stdout
 
 
+def test_fidelity_of_the_full_runs_stopped_early_trains_nothing(tmp_path):
+    configs = tmp_path / "configs.yaml"
+    configs.write_text("a: {overrides: {}, test_accuracy: 0.7, val_curve: {10: 0.6, 20: 0.65}}\n"
+                       "b: {overrides: {}, test_accuracy: 0.8, val_curve: {10: 0.5, 20: 0.7}}\n"
+                       "c: {overrides: {}, test_accuracy: 0.9, val_curve: {10: 0.4, 20: 0.8}}\n")
+    script = str(ROOT / "benchmarks" / "fidelity.py")
+    early = subprocess.run([sys.executable, script, str(configs), "--stopped-at", "10"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "the runs stopped at epoch 10: accuracy -1.000" in early.stdout, early.stderr
+    later = subprocess.run([sys.executable, script, str(configs), "--stopped-at", "20",
+                            "--json", str(tmp_path / "out.json")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "the runs stopped at epoch 20: accuracy 1.000" in later.stdout, later.stderr
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [row["val_accuracy_at_k"] for row in rows] == [0.65, 0.7, 0.8]
+    missing = subprocess.run([sys.executable, script, str(configs), "--stopped-at", "30"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "fidelity: error: --stopped-at 30: a has no val_curve entry for epoch 30 (it has "
+        "[10, 20])")
+
+
 def test_bench_step_compares_policies(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--batch", "8", "--steps",
