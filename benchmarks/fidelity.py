@@ -12,9 +12,10 @@ training images, its own full schedule; a configuration with an entry in its `pr
 study's trial of it is, is not trained again. The overrides apply to params.yaml as it is in the
 working directory: run it where params.yaml holds the defaults, not after `dvc exp run` has
 applied an experiment to the workspace. The script prints each one's validation accuracy and honest
-gap under the preset beside its 50-epoch figures, its cost (CPU and wall minutes), and the
-Spearman rank correlations of preset validation accuracy with 50-epoch test accuracy and of the
-two gaps. It asserts nothing.
+gap under the preset beside its 50-epoch figures, its cost (CPU and wall minutes), whether a
+study of today's `tune.space` can sample it, and the Spearman rank correlations of preset
+validation accuracy with 50-epoch test accuracy and of the two gaps, over all configurations and
+over those inside the space (the ranking a study's trials depend on). It asserts nothing.
 
 `--stopped-at K` trains nothing: it ranks the configurations by their own 50-epoch run's
 validation accuracy at epoch K (`val_curve` in CONFIGS.yaml), what a study of full-length trials
@@ -43,8 +44,9 @@ import atomic  # noqa: E402
 import cli  # noqa: E402
 from cifar import Split, load_split  # noqa: E402
 from fitting import fit  # noqa: E402
-from params import parse_params, parse_tune, read_yaml, with_overrides  # noqa: E402
+from params import flatten, parse_params, parse_tune, read_yaml, with_overrides  # noqa: E402
 from scoring import final_scores  # noqa: E402
+from search_space import as_sampled  # noqa: E402
 
 
 def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) -> dict:
@@ -62,6 +64,19 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
     return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap,
             "cpu_minutes": (time.process_time() - cpu) / 60,
             "wall_minutes": (time.monotonic() - wall) / 60}
+
+
+def in_space(raw: dict, overrides: dict, tune) -> bool:
+    """Whether a study over `tune.space` can sample the configuration: every space key's value
+    (params.yaml's where the configuration does not set it) lies in the space."""
+    params = flatten(with_overrides(raw, overrides))
+    point = as_sampled({key: params[key] for key in tune.space}, tune)
+    return all(tune.contains(key, value) for key, value in point.items())
+
+
+def spearman(table: pd.DataFrame, proxy: str, truth: str) -> float:
+    known = table.dropna(subset=[proxy, truth])
+    return known[proxy].corr(known[truth], "spearman") if len(known) >= 3 else float("nan")
 
 
 def measured_preset(config: dict, epochs: int, limit: int | None) -> dict | None:
@@ -102,16 +117,12 @@ def main() -> None:
                       "cpu_minutes": preset.get("cpu_minutes"),
                       "wall_minutes": preset.get("wall_minutes")}
         rows.append({"name": name, **scores, "test_accuracy_50": config["test_accuracy"],
-                     "honest_gap_50": config["honest_gap"]})
+                     "honest_gap_50": config["honest_gap"],
+                     "in_space": in_space(raw, config["overrides"], tune)})
     table = pd.DataFrame(rows).set_index("name")
     print(table.to_string(float_format="%.4f"))
-    known = table.dropna(subset=["preset_val_accuracy", "preset_honest_gap", "test_accuracy_50",
-                                 "honest_gap_50"])
-    if len(known) >= 3:
-        accuracy = known["preset_val_accuracy"].corr(known["test_accuracy_50"], "spearman")
-        gap = known["preset_honest_gap"].corr(known["honest_gap_50"], "spearman")
-        print(f"Spearman rank correlation over {len(known)} configurations: accuracy "
-              f"{accuracy:.3f}, honest gap {gap:.3f}")
+    report_spearman(table, {"accuracy": ("preset_val_accuracy", "test_accuracy_50"),
+                            "honest gap": ("preset_honest_gap", "honest_gap_50")})
     if table["cpu_minutes"].notna().any():
         print(f"cost per trial: {table['cpu_minutes'].mean():.1f} CPU minutes, "
               f"{table['wall_minutes'].mean():.1f} wall minutes (mean over the trials timed)")
@@ -120,8 +131,22 @@ def main() -> None:
                                       "rows": table.reset_index().to_dict("records")})
 
 
+def report_spearman(table: pd.DataFrame, pairs: dict[str, tuple[str, str]]) -> None:
+    """Spearman over every configuration, and over those a study of today's space can sample
+    (the ranking a study's trials depend on)."""
+    for label, rows in (("all", table), ("in tune.space", table[table["in_space"]])):
+        known = rows.dropna(subset=[column for pair in pairs.values() for column in pair])
+        if len(known) < 3:
+            continue
+        figures = ", ".join(f"{name} {spearman(known, *pair):.3f}"
+                            for name, pair in pairs.items())
+        print(f"Spearman rank correlation over {len(known)} configurations ({label}): {figures}")
+
+
 def stopped_at(args: argparse.Namespace) -> None:
     """The full runs stopped at epoch K as the proxy: their `val_curve` against their end."""
+    raw = read_yaml("params.yaml")
+    tune = parse_tune(raw)
     rows = []
     for name, config in read_yaml(args.configs).items():
         curve = config.get("val_curve") or {}
@@ -129,12 +154,12 @@ def stopped_at(args: argparse.Namespace) -> None:
             raise cli.UserError(f"--stopped-at {args.stopped_at}: {name} has no val_curve entry "
                                 f"for epoch {args.stopped_at} (it has {sorted(curve)})")
         rows.append({"name": name, "val_accuracy_at_k": curve[args.stopped_at],
-                     "test_accuracy_50": config["test_accuracy"]})
+                     "test_accuracy_50": config["test_accuracy"],
+                     "in_space": in_space(raw, config["overrides"], tune)})
     table = pd.DataFrame(rows).set_index("name")
     print(table.to_string(float_format="%.4f"))
-    accuracy = table["val_accuracy_at_k"].corr(table["test_accuracy_50"], "spearman")
-    print(f"Spearman rank correlation over {len(table)} configurations, the runs stopped at "
-          f"epoch {args.stopped_at}: accuracy {accuracy:.3f}")
+    print(f"the runs stopped at epoch {args.stopped_at}:")
+    report_spearman(table, {"accuracy": ("val_accuracy_at_k", "test_accuracy_50")})
     if args.json:
         atomic.write_json(args.json, {"stopped_at": args.stopped_at,
                                       "rows": table.reset_index().to_dict("records")})

@@ -79,7 +79,7 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
     out = project / "fidelity.json"
     result = sh(sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), str(configs),
                 "--epochs", "1", "--train-limit", "120", "--json", str(out), cwd=project)
-    assert "Spearman rank correlation over 5 configurations" in result.stdout
+    assert "Spearman rank correlation over 5 configurations (all)" in result.stdout
     assert "fidelity: e: preset figures from a trial" in result.stdout
     assert "fidelity: f: 1 epochs on 120 images" in result.stdout  # measured under another preset
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
@@ -99,17 +99,20 @@ def test_fidelity_of_the_full_runs_stopped_early_trains_nothing(tmp_path):
                        "b: {overrides: {}, test_accuracy: 0.8, val_curve: {10: 0.5, 20: 0.7}}\n"
                        "c: {overrides: {}, test_accuracy: 0.9, val_curve: {10: 0.4, 20: 0.8}}\n")
     script = str(ROOT / "benchmarks" / "fidelity.py")
+    # read beside the repository's params.yaml, whose space none of these three is in
     early = subprocess.run([sys.executable, script, str(configs), "--stopped-at", "10"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert "the runs stopped at epoch 10: accuracy -1.000" in early.stdout, early.stderr
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "the runs stopped at epoch 10:\nSpearman rank correlation over 3 configurations " \
+        "(all): accuracy -1.000\n" in early.stdout, early.stderr
+    assert "(in tune.space)" not in early.stdout
     later = subprocess.run([sys.executable, script, str(configs), "--stopped-at", "20",
                             "--json", str(tmp_path / "out.json")],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert "the runs stopped at epoch 20: accuracy 1.000" in later.stdout, later.stderr
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "(all): accuracy 1.000" in later.stdout, later.stderr
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert [row["val_accuracy_at_k"] for row in rows] == [0.65, 0.7, 0.8]
     missing = subprocess.run([sys.executable, script, str(configs), "--stopped-at", "30"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1] == (
         "fidelity: error: --stopped-at 30: a has no val_curve entry for epoch 30 (it has "
