@@ -47,7 +47,7 @@ def logged(overrides: dict, code: str | None = None) -> SimpleNamespace:
 
 
 def test_a_run_is_the_point_it_trained_or_a_line_saying_how_it_is_not():
-    tune = parse_tune(REAL)  # 10 epochs on 20000 images per trial
+    tune = parse_tune(REAL, {"epochs": 10})  # 10 epochs per trial
     recipe = {**tune.recipe, "train.epochs": tune.epochs, "train.backend": "jax"}
     assert known_runs._point(logged(recipe), REAL, tune, 20000, 10000) == tune.recipe
     with pytest.raises(UserError, match=r"a-run: outside the study's space: augment.cutout=5$"):
