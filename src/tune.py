@@ -246,23 +246,20 @@ def tune(args: argparse.Namespace) -> dict:
                                      _winner_name(winner, holder), measured)
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
+    confirmed = point is not None
     if point is None and leader is not None and not full_length:
-        confirmed = companion is not None and companion.get_trials(
+        done = companion is not None and companion.get_trials(
             deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        why = ("no confirmed trial has an honest gap within tune.max_gap" if confirmed
+        why = ("no confirmed trial has an honest gap within tune.max_gap" if done
                else "tune.confirm is 0: nothing is confirmed at the pipeline's length"
                if not tune_settings.confirm else "its confirmation is not done: a rerun does it")
         print(f"tune: no confirmed winner: {why}; the best short trial is trial "
               f"{leader.number} (val accuracy {leader.values[0]:.4f}, measured at {short})")
-        if args.apply_unconfirmed:
-            point = study_report.point_of(leader, tune_settings)
+        point = study_report.point_of(leader, tune_settings)
+        measured = f"not confirmed: {short} only"
     if point is None:
-        if args.apply and leader is not None and not full_length:
-            raise cli.UserError("--apply: no confirmed winner to apply; params.yaml unchanged "
-                                "(--apply-unconfirmed applies the best short trial)")
-        if leader is None:
-            print("tune: no winner yet: no complete trial meets the constraints"
-                  + ("; nothing applied" if args.apply or args.apply_unconfirmed else ""))
+        print("tune: no winner yet: no complete trial meets the constraints"
+              + ("; nothing applied" if args.apply or args.apply_unconfirmed else ""))
         return {}
     atomic.write_text(params.paths.best_params,
                       f"# measured: {measured}\n" + study_report.yaml_text(as_nested(point)))
@@ -270,6 +267,9 @@ def tune(args: argparse.Namespace) -> dict:
     for line in winner_commands(point, tune_settings.epochs, len(train_split), len(full_split),
                                 params.train.epochs):
         print(f"tune: {line}")
+    if args.apply and not confirmed and not args.apply_unconfirmed:
+        raise cli.UserError("--apply: no confirmed winner to apply; params.yaml unchanged "
+                            "(--apply-unconfirmed applies the best short trial)")
     if args.apply or args.apply_unconfirmed:
         update_yaml("params.yaml", point)
         print(f"tune: params.yaml updated with the winner ({measured}); `dvc repro` "

@@ -103,6 +103,9 @@ def test_apply_refuses_a_winner_measured_only_on_short_trials(short):
     assert line.startswith("tune: error: --apply: no confirmed winner to apply; params.yaml "
                            "unchanged (--apply-unconfirmed"), refused.stderr
     assert (short / "params.yaml").read_text() == before
+    # the best short trial is still written out, saying what it was measured on
+    best = (short / "reports/best_params.yaml").read_text()
+    assert best.startswith("# measured: not confirmed: 1 epochs on 240 images only\n")
     out = tune(short, "--n-trials", "2", "--confirm", "0", "--apply-unconfirmed").stdout
     assert "params.yaml updated with the winner (not confirmed: 1 epochs on 240 images only)" \
         in out
