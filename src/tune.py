@@ -226,8 +226,12 @@ def tune(args: argparse.Namespace) -> dict:
         if not args.report_only:
             run_study(study, Objective(raw, tune_settings, train_split, val_split, deadline),
                       tune_settings, deadline=deadline)
-        leader = study_report.report(study, tune_settings, end, confirmed_in=companion and
-                                     companion.study_name)
+        # the workers of a study finish together (after the shared confirmation): one at a
+        # time writes the parent run's report, or MLflow's SQLite store refuses a second
+        # insert of the same tag
+        with study_lock(tune_settings):
+            leader = study_report.report(study, tune_settings, end, confirmed_in=companion and
+                                         companion.study_name)
         short = f"{tune_settings.epochs} epochs on {len(train_split)} images"
         full = f"{params.train.epochs} epochs on {len(full_split)} images"
         winner, holder, measured = (leader, study, f"{full}, the pipeline's length") \
@@ -238,12 +242,14 @@ def tune(args: argparse.Namespace) -> dict:
                         Objective(raw, confirming, full_split, val_split, deadline))
             for line in confirmation.summary(study, companion, tune_settings):
                 print(f"tune: {line.strip()}")
-            winner = study_report.report(companion, confirming, end, label="confirm",
-                                         title="winner: confirmed trial")
+            with study_lock(tune_settings):
+                winner = study_report.report(companion, confirming, end, label="confirm",
+                                             title="winner: confirmed trial")
             holder, measured = companion, f"confirmed at the pipeline's length, {full}"
-        point = study_report.declare([study, *([companion] if companion else [])],
-                                     tune_settings, winner, holder.study_name,
-                                     _winner_name(winner, holder), measured)
+        with study_lock(tune_settings):
+            point = study_report.declare([study, *([companion] if companion else [])],
+                                         tune_settings, winner, holder.study_name,
+                                         _winner_name(winner, holder), measured)
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
     confirmed = point is not None
