@@ -74,11 +74,6 @@ def in_space(raw: dict, overrides: dict, tune) -> bool:
     return all(tune.contains(key, value) for key, value in point.items())
 
 
-def spearman(table: pd.DataFrame, proxy: str, truth: str) -> float:
-    known = table.dropna(subset=[proxy, truth])
-    return known[proxy].corr(known[truth], "spearman") if len(known) >= 3 else float("nan")
-
-
 def measured_preset(config: dict, epochs: int, limit: int | None) -> dict | None:
     """The entry of a configuration's `presets` measured under this preset, if any."""
     for preset in config.get("presets") or []:
@@ -138,8 +133,8 @@ def report_spearman(table: pd.DataFrame, pairs: dict[str, tuple[str, str]]) -> N
         known = rows.dropna(subset=[column for pair in pairs.values() for column in pair])
         if len(known) < 3:
             continue
-        figures = ", ".join(f"{name} {spearman(known, *pair):.3f}"
-                            for name, pair in pairs.items())
+        figures = ", ".join(f"{name} {known[proxy].corr(known[truth], 'spearman'):.3f}"
+                            for name, (proxy, truth) in pairs.items())
         print(f"Spearman rank correlation over {len(known)} configurations ({label}): {figures}")
 
 
