@@ -12,10 +12,12 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import mlflow
 import optuna
+import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
@@ -182,6 +184,39 @@ def study_settings(tune: Tune, train_images: int) -> dict[str, str]:
             "tune.space": json.dumps(space(tune))}
 
 
+def adopt_orphans(study: optuna.Study, tune: Tune) -> list[int]:
+    """Give a first heartbeat to the RUNNING trials that never got one and started more than
+    `tune.grace_period` ago; return their numbers.
+
+    Optuna fails a trial whose heartbeat is older than the grace period, but a trial with no
+    heartbeat at all is never stale: a worker killed between taking a trial (RUNNING) and its
+    heartbeat thread's first beat leaves a trial that would block the study's last places
+    forever. Once given a heartbeat, such a trial goes stale a grace period later, and Optuna
+    fails it and queues its retry like any dead worker's trial. A live worker's trial whose
+    first beat is late loses nothing: its own thread beats on. (Start times are the workers'
+    clocks; workers on several machines need clocks closer than the grace period.)
+    """
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps it in a cache
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running or not isinstance(storage, optuna.storages.RDBStorage) \
+            or storage.get_heartbeat_interval() is None:
+        return []
+    query = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids"
+                            ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+    with storage.engine.connect() as connection:  # Optuna's own table of heartbeats
+        beating = set(connection.execute(query, {"ids": [t._trial_id for t in running]}
+                                         ).scalars())
+    cutoff = datetime.now() - timedelta(seconds=tune.grace_period)
+    orphans = [t for t in running if t._trial_id not in beating
+               and t.datetime_start is not None and t.datetime_start < cutoff]
+    for trial in orphans:
+        storage.record_heartbeat(trial._trial_id)
+        print(f"tune: trial {trial.number} of {study.study_name!r} is RUNNING with no heartbeat "
+              f"since {trial.datetime_start:%H:%M:%S}: its worker died before its first beat; "
+              "it is failed and retried after the grace period")
+    return [t.number for t in orphans]
+
+
 def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
               tune: Tune, budget: Callable[[optuna.Study], int] | None = None,
               deadline: float | None = None) -> None:
@@ -210,6 +245,7 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
         finished: list[TrialState] = []
         with lock:
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried
+            adopt_orphans(study, tune)  # one that died before its first heartbeat: stale later
             n_trials = budget(study) if budget else tune.n_trials
             if len(study.get_trials(deepcopy=False, states=FINISHED)) >= n_trials:
                 return

@@ -154,6 +154,7 @@ def tool_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung child killed with SIGABRT prints its stacks
     for role in ("AUTHOR", "COMMITTER"):  # dvc exp run commits; CI may have no git identity
         env.setdefault(f"GIT_{role}_NAME", "test")
         env.setdefault(f"GIT_{role}_EMAIL", "test@localhost")

@@ -121,6 +121,18 @@ def wait_for(condition: Callable[[], object], what: str, process: subprocess.Pop
     pytest.fail(f"no {what} within {timeout} s")
 
 
+def exit_code(process: subprocess.Popen, log: Path, timeout: float) -> int:
+    """The process's exit status; past `timeout`, fail with its threads' stacks (faulthandler
+    prints them on SIGABRT, PYTHONFAULTHANDLER in tool_env) and the end of its log."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGABRT)
+        process.wait(timeout=30)
+        pytest.fail(f"still running after {timeout} s; its stacks and log:\n"
+                    f"{log.read_text()[-6000:]}")
+
+
 def stop(process: subprocess.Popen) -> None:
     """Terminate the process group (a server's workers too), killing it if it lingers."""
     try:
@@ -166,7 +178,7 @@ def test_three_workers_started_together_share_one_postgres_study(tuned, database
     workers = [start(command, tuned, log) for log in logs]
     try:
         for worker, log in zip(workers, logs, strict=True):
-            assert worker.wait(timeout=1200) == 0, log.read_text()[-3000:]
+            assert exit_code(worker, log, timeout=1200) == 0, log.read_text()[-3000:]
             assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     finally:
         for worker in workers:
@@ -250,7 +262,7 @@ def test_survivors_wait_for_a_dead_worker_s_trial_then_retry_it(tuned, database,
         workers[0].wait()
         others_running = [w.poll() is None for w in workers[1:]]
         for worker, log in zip(workers[1:], logs[1:], strict=True):
-            assert worker.wait(timeout=900) == 0, log.read_text()[-3000:]
+            assert exit_code(worker, log, timeout=900) == 0, log.read_text()[-3000:]
     finally:
         for worker in workers:
             stop(worker)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import optuna
 import pytest
@@ -12,7 +14,7 @@ from cli import UserError
 from conftest import NO_STARTING_POINTS, ROOT
 from params import ParamsError, parse_tune, read_yaml, with_overrides
 from search_space import as_nested, distributions, exp_run_command, sample, trial_params
-from shared_study import make_study
+from shared_study import make_study, run_study
 from tune import Pruning
 
 # the real params without the recipe, so that a changed space is judged alone
@@ -256,3 +258,21 @@ def test_a_trial_is_scored_under_the_policy_it_trained_in(tmp_path, monkeypatch)
     study.optimize(tune_script.Objective(raw, tune, split, split, None), n_trials=1)
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
     assert seen == ["mixed_float16"]  # "on" with TensorFlow, as trained; not float32 after reset
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+    """A worker killed between taking a trial and its first heartbeat leaves a RUNNING trial
+    Optuna never finds stale; the study's other workers give it a heartbeat, then fail and retry
+    it a grace period later, instead of waiting for it forever."""
+    tune = parse_tune(with_overrides(RAW, {
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}", "tune.n_trials": 1,
+        "tune.heartbeat_interval": 1, "tune.grace_period": 1, "tune.max_retry": 1}))
+    study = make_study(tune)
+    orphan = study.ask()  # RUNNING, and no heartbeat thread ever beats for it
+    orphan.suggest_float("model.dropout", 0.0, 0.5)
+    run_study(study, lambda trial: 0.5, tune, deadline=time.monotonic() + 60)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    (retry,) = [t for t in trials.values() if t.system_attrs.get("failed_trial") == orphan.number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.params == {"model.dropout": orphan.params["model.dropout"]}
