@@ -26,10 +26,10 @@ import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
-import keras
 import mlflow
 import optuna
 
@@ -37,14 +37,12 @@ import atomic
 import cli
 import confirmation
 import known_runs
-import progress
 import study_report
 import tracking
 from cifar import Split, load_split
-from fitting import fit
-from params import Tune, load_params, parse_tune, read_yaml, update_yaml
-from scoring import final_scores
-from search_space import as_nested, exp_run_command, overrides, sample, trial_params
+from objective import Objective
+from params import Params, Tune, load_params, parse_tune, read_yaml, update_yaml
+from search_space import as_nested, exp_run_command
 from shared_study import FINISHED, make_study, parent_run_id, run_study, study_lock
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
@@ -61,217 +59,138 @@ TUNE_COLUMNS = ("metrics.val_accuracy_final", "metrics.honest_gap", "params.trai
                 "params.augment.cutmix")
 
 
-# the user attrs a queued point is given (shared_study.make_study, confirmation.queue): a
-# timed-out trial's point is queued again with them
-QUEUED_ATTRS = ("recipe", "recipe_variant", confirmation.CONFIRMS)
+@dataclass(frozen=True)
+class Invocation:
+    """What one invocation works with: its settings, and the images its trials train on."""
+
+    args: argparse.Namespace
+    params: Params
+    raw: dict  # params.yaml as read, for trial_params
+    tune: Tune  # the study's settings: params.yaml's `tune` and the flags
+    confirming: Tune  # its companion study's (confirmation.companion)
+    end: str  # the end of a Pareto front a winner is taken from (study_report.ENDS)
+    full: Split  # the training images at the pipeline's params
+    train: Split  # the first `tune.train_limit` of them: each trial's
+    val: Split
+
+    @property
+    def full_length(self) -> bool:
+        """Whether the trials train as long as the pipeline (then nothing is confirmed)."""
+        return confirmation.is_full_length(self.tune, len(self.train), len(self.full),
+                                           self.params.train.epochs)
+
+    @property
+    def short(self) -> str:
+        return f"{self.tune.epochs} epochs on {len(self.train)} images"
+
+    @property
+    def pipeline(self) -> str:
+        return f"{self.params.train.epochs} epochs on {len(self.full)} images"
 
 
-class TimeoutReached(Exception):
-    """The invocation's --timeout passed during a trial (Optuna records the trial as FAIL)."""
-
-
-class Deadline(keras.callbacks.Callback):
-    """Stop the trial after the epoch in which the invocation's timeout passed."""
-
-    def __init__(self, deadline: float | None):
-        super().__init__()
-        self.deadline = deadline
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TimeoutReached(f"stopped after epoch {epoch + 1}: --timeout reached")
-
-
-class Pruning(keras.callbacks.Callback):
-    """Report each epoch's validation accuracy; stop the trial when the pruner says so.
-
-    The study's starting points (the recipe and its variants, shared_study.make_study) run to
-    their end: they are what the sampled trials are measured against, and some of them (cutmix,
-    mixup) learn late. The pruner still sees them (Hyperband records their rungs when asked), so
-    they compete at the rungs; only its answer is ignored for them.
-    """
-
-    def __init__(self, trial: optuna.Trial):
-        super().__init__()
-        self.trial = trial
-        attrs = trial.user_attrs
-        self.starting_point = "recipe" in attrs or "recipe_variant" in attrs
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
-        if self.trial.should_prune() and not self.starting_point:
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
-
-
-class Objective:
-    def __init__(self, raw: dict, tune: Tune, train_split: Split, val_split: Split,
-                 deadline: float | None):
-        self.raw, self.tune = raw, tune
-        self.train_split, self.val_split = train_split, val_split
-        self.deadline = deadline  # time.monotonic() at which the invocation's timeout passes
-        self.confirming = tune.study_name.endswith(confirmation.SUFFIX)
-
-    def __call__(self, trial: optuna.Trial):
-        if self.confirming and confirmation.CONFIRMS not in trial.user_attrs:
-            raise cli.StageError(f"{self.tune.study_name}: trial {trial.number} has no point to "
-                                 "confirm (the study trains queued points only)")
-        point = sample(trial, self.tune.space)
-        params = trial_params(self.raw, point, self.tune)
-        tags = {"optuna.study": self.tune.study_name, "optuna.trial": str(trial.number)}
-        if self.confirming:
-            tags["optuna.confirms"] = str(trial.user_attrs[confirmation.CONFIRMS])
-        tags[tracking.CODE_TAG] = tracking.training_code()
-        with tracking.run(run_name=f"{self.tune.study_name}-trial-{trial.number}", nested=True,
-                          tags=tags) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            as_trained = overrides(point, self.tune)  # the rate after batch scaling
-            trial.set_user_attr("as_trained", as_trained)  # what the report and --apply write
-            mlflow.log_params({**as_trained, "train.epochs": self.tune.epochs,
-                               "data.train_images": len(self.train_split)})
-            try:
-                pruning = [] if self.tune.multi_objective else [Pruning(trial)]
-                result = fit(params, self.train_split, self.val_split,
-                             verbose=progress.verbosity(),
-                             callbacks=[*progress.callbacks(f"trial {trial.number}"), *pruning,
-                                        Deadline(self.deadline)],
-                             on_epoch=lambda model, history: mlflow.log_metrics(
-                                 {k: v for k, v in history[-1].items() if k != "epoch"},
-                                 step=history[-1]["epoch"]))
-                # scored before the reset below, which also drops the dtype policy and the
-                # distribution the model was trained under
-                val_accuracy, gap = final_scores(result, self.train_split,
-                                                 params.evaluate.batch_size)
-            except optuna.TrialPruned:
-                mlflow.set_tag("optuna.state", "PRUNED")
-                mlflow.end_run("KILLED")
-                raise
-            except TimeoutReached as stopped:  # its point is trained again by the next run
-                mlflow.set_tag("optuna.state", "FAIL")
-                mlflow.end_run("KILLED")
-                # what it stands for (a starting point, a confirmation) goes with it
-                kept = {key: value for key, value in trial.user_attrs.items()
-                        if key in QUEUED_ATTRS}
-                trial.study.enqueue_trial(trial.params, user_attrs={
-                    **kept, "timed_out_trial": trial.number})
-                print(f"tune: trial {trial.number} {stopped}; its point is queued for the next "
-                      "invocation")
-                raise
-            except (Exception, KeyboardInterrupt):  # Optuna records both as FAIL
-                mlflow.set_tag("optuna.state", "FAIL")
-                raise
-            finally:
-                keras.backend.clear_session()
-            scores = tracking.rounded({"val_accuracy_final": val_accuracy, "honest_gap": gap,
-                                       "epochs_trained": len(result.history)})
-            if self.tune.max_gap is not None:  # feasible when <= 0; Optuna's best is feasible
-                study_report.record_constraint(trial, gap, self.tune.max_gap)
-                scores["gap_over_max"] = round(gap - self.tune.max_gap, tracking.DIGITS)
-            feasible = self.tune.max_gap is None or gap <= self.tune.max_gap
-            mlflow.set_tag("optuna.feasible", str(feasible).lower())
-            mlflow.log_metrics(scores)
-            mlflow.set_tag("optuna.state", "COMPLETE")
-            for key, value in scores.items():
-                trial.set_user_attr(key, value)
-        return (val_accuracy, gap) if self.tune.multi_objective else val_accuracy
-
-
-def tune(args: argparse.Namespace) -> dict:
+def invocation(args: argparse.Namespace) -> Invocation:
     params = load_params()
     raw = read_yaml("params.yaml")
-    settings = {key: value for key, value in {
+    flags = {key: value for key, value in {
         "n_trials": args.n_trials, "timeout": args.timeout, "epochs": args.epochs,
         "train_limit": args.train_limit, "study_name": args.study_name,
         "storage": args.storage, "pruner": args.pruner, "confirm": args.confirm,
         "multi_objective": args.multi_objective or None,
     }.items() if value is not None}
-    tune_settings = parse_tune(raw, settings)
-    if args.front_end and not tune_settings.multi_objective:
+    settings = parse_tune(raw, flags)
+    if args.front_end and not settings.multi_objective:
         raise cli.UserError(f"--front-end {args.front_end}: a single-objective study has one "
                             "best trial; the option picks an end of a multi-objective study's "
                             "Pareto front")
-    end = args.front_end or "accuracy"
     processed = Path(params.paths.processed)
     if not (processed / "train.npz").is_file():
         raise cli.StageError(f"{processed}/train.npz is missing: run `dvc repro preprocess`")
-    full_split = load_split(processed, "train")  # what the pipeline trains on at its params
-    train_split = full_split
-    if tune_settings.train_limit:
-        limit = tune_settings.train_limit
-        train_split = Split(full_split.images[:limit], full_split.labels[:limit])
-    val_split = load_split(processed, "val")
-    full_length = confirmation.is_full_length(tune_settings, len(train_split), len(full_split),
-                                              params.train.epochs)
-    confirming = confirmation.companion(tune_settings, params.train.epochs)
+    full = load_split(processed, "train")  # what the pipeline trains on at its params
+    train = full
+    if settings.train_limit:
+        train = Split(full.images[:settings.train_limit], full.labels[:settings.train_limit])
+    return Invocation(args, params, raw, settings,
+                      confirmation.companion(settings, params.train.epochs),
+                      args.front_end or "accuracy", full, train, load_split(processed, "val"))
 
-    experiment = f"{params.mlflow.experiment}-tune"
-    tracking.configure(experiment, TUNE_DESCRIPTION, TUNE_COLUMNS)
-    known, known_full = [], []  # short runs join the study, full-length ones its companion
-    for name in args.add_run:
-        run = known_runs.find_run(name, params.mlflow.experiment)
-        at_full = not full_length and known_runs.length(run) == (params.train.epochs,
-                                                                  len(full_split))
+
+def added_runs(run: Invocation) -> tuple[list, list]:
+    """The `--add-run` runs as complete trials: the short ones for the study, those at the
+    pipeline's length for its companion (each is then a confirmation)."""
+    known, known_full = [], []
+    for name in run.args.add_run:
+        found = known_runs.find_run(name, run.params.mlflow.experiment)
+        at_full = not run.full_length and known_runs.length(found) == (
+            run.params.train.epochs, len(run.full))
         (known_full if at_full else known).append(known_runs.as_trial(
-            run, raw, confirming if at_full else tune_settings,
-            len(full_split) if at_full else len(train_split), len(val_split),
-            allow_other_code=args.allow_other_code))
-    study = make_study(tune_settings, known, train_images=len(train_split))
-    companion = None
-    if not full_length and (tune_settings.confirm or known_full):
-        companion = make_study(confirming, known_full, train_images=len(full_split))
-    deadline = time.monotonic() + tune_settings.timeout if tune_settings.timeout else None
-    with tracking.run(run_id=parent_run_id(study, tune_settings, experiment,
-                                           len(train_split))):
-        # tags, not params: a rerun of the study may ask for another budget
-        mlflow.set_tags(invocation_tags(tune_settings, len(train_split)))
-        if not args.report_only:
-            run_study(study, Objective(raw, tune_settings, train_split, val_split, deadline),
-                      tune_settings, deadline=deadline)
-        # the workers of a study finish together (after the shared confirmation): one at a
-        # time writes the parent run's report, or MLflow's SQLite store refuses a second
-        # insert of the same tag
-        with study_lock(tune_settings):
-            leader = study_report.report(study, tune_settings, end, confirmed_in=companion and
-                                         companion.study_name)
-        short = f"{tune_settings.epochs} epochs on {len(train_split)} images"
-        full = f"{params.train.epochs} epochs on {len(full_split)} images"
-        winner, holder, measured = (leader, study, f"{full}, the pipeline's length") \
-            if full_length else (None, study, f"not confirmed: {short} only")
-        if companion is not None:
-            if not args.report_only:
-                confirm(study, companion, tune_settings, confirming, end,
-                        Objective(raw, confirming, full_split, val_split, deadline))
-            for line in confirmation.summary(study, companion, tune_settings):
-                print(f"tune: {line.strip()}")
-            with study_lock(tune_settings):
-                winner = study_report.report(companion, confirming, end, label="confirm",
-                                             title="winner: confirmed trial")
-            holder, measured = companion, f"confirmed at the pipeline's length, {full}"
-        with study_lock(tune_settings):
-            point = study_report.declare([study, *([companion] if companion else [])],
-                                         tune_settings, winner, holder.study_name,
-                                         _winner_name(winner, holder), measured)
-    found = mlflow.get_experiment_by_name(experiment)
-    print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
+            found, run.raw, run.confirming if at_full else run.tune,
+            len(run.full) if at_full else len(run.train), len(run.val),
+            allow_other_code=run.args.allow_other_code))
+    return known, known_full
+
+
+def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Study | None
+                    ) -> tuple[optuna.trial.FrozenTrial | None, dict | None, str]:
+    """Inside the study's parent run: the trials, the report, the confirmation and the winner
+    declared. Returns the study's best short trial, the winner's point (None: no confirmed
+    winner yet) and what the winner was measured on."""
+    tune = run.tune
+    deadline = time.monotonic() + tune.timeout if tune.timeout else None
+    if not run.args.report_only:
+        run_study(study, Objective(run.raw, tune, run.train, run.val, deadline), tune,
+                  deadline=deadline)
+    # the workers of a study finish together (after the shared confirmation): one at a time
+    # writes the parent run's report, or MLflow's SQLite store refuses a second insert of the
+    # same tag
+    with study_lock(tune):
+        leader = study_report.report(study, tune, run.end, confirmed_in=companion and
+                                     companion.study_name)
+    winner, holder, measured = (leader, study, f"{run.pipeline}, the pipeline's length") \
+        if run.full_length else (None, study, f"not confirmed: {run.short} only")
+    if companion is not None:
+        if not run.args.report_only:
+            confirm(study, companion, tune, run.confirming, run.end,
+                    Objective(run.raw, run.confirming, run.full, run.val, deadline))
+        for line in confirmation.summary(study, companion, tune):
+            print(f"tune: {line.strip()}")
+        with study_lock(tune):
+            winner = study_report.report(companion, run.confirming, run.end, label="confirm",
+                                         title="winner: confirmed trial")
+        holder, measured = companion, f"confirmed at the pipeline's length, {run.pipeline}"
+    with study_lock(tune):
+        point = study_report.declare([study, *([companion] if companion else [])], tune,
+                                     winner, holder.study_name, _winner_name(winner, holder),
+                                     measured)
+    return leader, point, measured
+
+
+def write_winner(run: Invocation, leader: optuna.trial.FrozenTrial | None, point: dict | None,
+                 measured: str, companion: optuna.Study | None) -> dict:
+    """reports/best_params.yaml, the commands that train the winner, and `--apply`: a confirmed
+    winner, or the best short trial where none is confirmed (said so, applied only with
+    `--apply-unconfirmed`)."""
+    args, tune = run.args, run.tune
     confirmed = point is not None
-    if point is None and leader is not None and not full_length:
+    if point is None and leader is not None and not run.full_length:
         done = companion is not None and companion.get_trials(
             deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         why = ("no confirmed trial has an honest gap within tune.max_gap" if done
                else "tune.confirm is 0: nothing is confirmed at the pipeline's length"
-               if not tune_settings.confirm else "its confirmation is not done: a rerun does it")
+               if not tune.confirm else "its confirmation is not done: a rerun does it")
         print(f"tune: no confirmed winner: {why}; the best short trial is trial "
-              f"{leader.number} (val accuracy {leader.values[0]:.4f}, measured at {short})")
-        point = study_report.point_of(leader, tune_settings)
-        measured = f"not confirmed: {short} only"
+              f"{leader.number} (val accuracy {leader.values[0]:.4f}, measured at {run.short})")
+        point = study_report.point_of(leader, tune)
+        measured = f"not confirmed: {run.short} only"
     if point is None:
         print("tune: no winner yet: no complete trial meets the constraints"
               + ("; nothing applied" if args.apply or args.apply_unconfirmed else ""))
         return {}
-    atomic.write_text(params.paths.best_params,
-                      f"# measured: {measured}\n" + study_report.yaml_text(as_nested(point)))
-    print(f"tune: best params written to {params.paths.best_params} ({measured})")
-    for line in winner_commands(point, tune_settings.epochs, len(train_split), len(full_split),
-                                params.train.epochs):
+    best_params = run.params.paths.best_params
+    atomic.write_text(best_params, f"# measured: {measured}\n"
+                      + study_report.yaml_text(as_nested(point)))
+    print(f"tune: best params written to {best_params} ({measured})")
+    for line in winner_commands(point, tune.epochs, len(run.train), len(run.full),
+                                run.params.train.epochs):
         print(f"tune: {line}")
     if args.apply and not confirmed and not args.apply_unconfirmed:
         raise cli.UserError("--apply: no confirmed winner to apply; params.yaml unchanged "
@@ -281,6 +200,24 @@ def tune(args: argparse.Namespace) -> dict:
         print(f"tune: params.yaml updated with the winner ({measured}); `dvc repro` "
               "trains it")
     return point
+
+
+def tune(args: argparse.Namespace) -> dict:
+    run = invocation(args)
+    experiment = f"{run.params.mlflow.experiment}-tune"
+    tracking.configure(experiment, TUNE_DESCRIPTION, TUNE_COLUMNS)
+    known, known_full = added_runs(run)  # before the studies: a new study starts with them
+    study = make_study(run.tune, known, train_images=len(run.train))
+    companion = None
+    if not run.full_length and (run.tune.confirm or known_full):
+        companion = make_study(run.confirming, known_full, train_images=len(run.full))
+    with tracking.run(run_id=parent_run_id(study, run.tune, experiment, len(run.train))):
+        # tags, not params: a rerun of the study may ask for another budget
+        mlflow.set_tags(invocation_tags(run.tune, len(run.train)))
+        leader, point, measured = run_and_declare(run, study, companion)
+    found = mlflow.get_experiment_by_name(experiment)
+    print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
+    return write_winner(run, leader, point, measured, companion)
 
 
 def _winner_name(winner: optuna.trial.FrozenTrial | None, holder: optuna.Study) -> str:

@@ -144,8 +144,8 @@ def test_a_confirmation_cut_by_the_timeout_is_queued_again_as_a_confirmation(tmp
 
     import cifar
     import confirmation
-    import tune as tune_script
     from conftest import ROOT, TINY
+    from objective import Objective, TimeoutReached
     from params import parse_tune, with_overrides
     from shared_study import make_study
 
@@ -166,8 +166,8 @@ def test_a_confirmation_cut_by_the_timeout_is_queued_again_as_a_confirmation(tmp
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("confirm")
     passed = time.monotonic() - 1  # the invocation's timeout has passed: stop after an epoch
-    companion.optimize(tune_script.Objective(raw, confirming, split, split, passed),
-                       n_trials=1, catch=(tune_script.TimeoutReached,))
+    companion.optimize(Objective(raw, confirming, split, split, passed),
+                       n_trials=1, catch=(TimeoutReached,))
     cut, queued = companion.trials
     assert cut.state == TrialState.FAIL and len(cut.intermediate_values) == 1
     assert queued.state == TrialState.WAITING

@@ -12,10 +12,10 @@ import known_runs
 import tune as tune_script
 from cli import UserError
 from conftest import NO_STARTING_POINTS, ROOT
+from objective import Objective, Pruning
 from params import ParamsError, parse_tune, read_yaml, with_overrides
 from search_space import as_nested, distributions, exp_run_command, sample, trial_params
 from shared_study import make_study, run_study
-from tune import Pruning
 
 # the real params without the recipe, so that a changed space is judged alone
 RAW = with_overrides(read_yaml(ROOT / "params.yaml"), NO_STARTING_POINTS)
@@ -255,7 +255,7 @@ def test_a_trial_is_scored_under_the_policy_it_trained_in(tmp_path, monkeypatch)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("scoring")
     study = optuna.create_study(directions=["maximize", "minimize"])
-    study.optimize(tune_script.Objective(raw, tune, split, split, None), n_trials=1)
+    study.optimize(Objective(raw, tune, split, split, None), n_trials=1)
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
     assert seen == ["mixed_float16"]  # "on" with TensorFlow, as trained; not float32 after reset
 

@@ -1,0 +1,141 @@
+"""One Optuna trial: train a sampled point (or a queued one) as a nested MLflow run and score it.
+
+`Objective` is what `tune.py` hands to Optuna for a study and for its companion study of
+confirmations (confirmation.py). A trial trains `tune.epochs` epochs on the images it is given,
+reports each epoch's validation accuracy to the pruner (`Pruning`), and returns its validation
+accuracy (and honest gap, multi-objective); the gap is also the `tune.max_gap` constraint. A
+trial cut by the invocation's `--timeout` (`Deadline`) is failed and its point queued again with
+what it stands for (a starting point, a confirmation).
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import mlflow
+import optuna
+
+import cli
+import confirmation
+import progress
+import study_report
+import tracking
+from cifar import Split
+from fitting import fit
+from params import Tune
+from scoring import final_scores
+from search_space import overrides, sample, trial_params
+
+# the user attrs a queued point is given (shared_study.make_study, confirmation.queue): a
+# timed-out trial's point is queued again with them
+QUEUED_ATTRS = ("recipe", "recipe_variant", confirmation.CONFIRMS)
+
+
+class TimeoutReached(Exception):
+    """The invocation's --timeout passed during a trial (Optuna records the trial as FAIL)."""
+
+
+class Deadline(keras.callbacks.Callback):
+    """Stop the trial after the epoch in which the invocation's timeout passed."""
+
+    def __init__(self, deadline: float | None):
+        super().__init__()
+        self.deadline = deadline
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutReached(f"stopped after epoch {epoch + 1}: --timeout reached")
+
+
+class Pruning(keras.callbacks.Callback):
+    """Report each epoch's validation accuracy; stop the trial when the pruner says so.
+
+    The study's starting points (the recipe and its variants, shared_study.make_study) run to
+    their end: they are what the sampled trials are measured against, and some of them (cutmix,
+    mixup) learn late. The pruner still sees them (Hyperband records their rungs when asked), so
+    they compete at the rungs; only its answer is ignored for them.
+    """
+
+    def __init__(self, trial: optuna.Trial):
+        super().__init__()
+        self.trial = trial
+        attrs = trial.user_attrs
+        self.starting_point = "recipe" in attrs or "recipe_variant" in attrs
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.trial.report(float(logs["val_accuracy"]), step=epoch + 1)
+        if self.trial.should_prune() and not self.starting_point:
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
+
+
+class Objective:
+    def __init__(self, raw: dict, tune: Tune, train_split: Split, val_split: Split,
+                 deadline: float | None):
+        self.raw, self.tune = raw, tune
+        self.train_split, self.val_split = train_split, val_split
+        self.deadline = deadline  # time.monotonic() at which the invocation's timeout passes
+        self.confirming = tune.study_name.endswith(confirmation.SUFFIX)
+
+    def __call__(self, trial: optuna.Trial):
+        if self.confirming and confirmation.CONFIRMS not in trial.user_attrs:
+            raise cli.StageError(f"{self.tune.study_name}: trial {trial.number} has no point to "
+                                 "confirm (the study trains queued points only)")
+        point = sample(trial, self.tune.space)
+        params = trial_params(self.raw, point, self.tune)
+        tags = {"optuna.study": self.tune.study_name, "optuna.trial": str(trial.number)}
+        if self.confirming:
+            tags["optuna.confirms"] = str(trial.user_attrs[confirmation.CONFIRMS])
+        tags[tracking.CODE_TAG] = tracking.training_code()
+        with tracking.run(run_name=f"{self.tune.study_name}-trial-{trial.number}", nested=True,
+                          tags=tags) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            as_trained = overrides(point, self.tune)  # the rate after batch scaling
+            trial.set_user_attr("as_trained", as_trained)  # what the report and --apply write
+            mlflow.log_params({**as_trained, "train.epochs": self.tune.epochs,
+                               "data.train_images": len(self.train_split)})
+            try:
+                pruning = [] if self.tune.multi_objective else [Pruning(trial)]
+                result = fit(params, self.train_split, self.val_split,
+                             verbose=progress.verbosity(),
+                             callbacks=[*progress.callbacks(f"trial {trial.number}"), *pruning,
+                                        Deadline(self.deadline)],
+                             on_epoch=lambda model, history: mlflow.log_metrics(
+                                 {k: v for k, v in history[-1].items() if k != "epoch"},
+                                 step=history[-1]["epoch"]))
+                # scored before the reset below, which also drops the dtype policy and the
+                # distribution the model was trained under
+                val_accuracy, gap = final_scores(result, self.train_split,
+                                                 params.evaluate.batch_size)
+            except optuna.TrialPruned:
+                mlflow.set_tag("optuna.state", "PRUNED")
+                mlflow.end_run("KILLED")
+                raise
+            except TimeoutReached as stopped:  # its point is trained again by the next run
+                mlflow.set_tag("optuna.state", "FAIL")
+                mlflow.end_run("KILLED")
+                # what it stands for (a starting point, a confirmation) goes with it
+                kept = {key: value for key, value in trial.user_attrs.items()
+                        if key in QUEUED_ATTRS}
+                trial.study.enqueue_trial(trial.params, user_attrs={
+                    **kept, "timed_out_trial": trial.number})
+                print(f"tune: trial {trial.number} {stopped}; its point is queued for the next "
+                      "invocation")
+                raise
+            except (Exception, KeyboardInterrupt):  # Optuna records both as FAIL
+                mlflow.set_tag("optuna.state", "FAIL")
+                raise
+            finally:
+                keras.backend.clear_session()
+            scores = tracking.rounded({"val_accuracy_final": val_accuracy, "honest_gap": gap,
+                                       "epochs_trained": len(result.history)})
+            if self.tune.max_gap is not None:  # feasible when <= 0; Optuna's best is feasible
+                study_report.record_constraint(trial, gap, self.tune.max_gap)
+                scores["gap_over_max"] = round(gap - self.tune.max_gap, tracking.DIGITS)
+            feasible = self.tune.max_gap is None or gap <= self.tune.max_gap
+            mlflow.set_tag("optuna.feasible", str(feasible).lower())
+            mlflow.log_metrics(scores)
+            mlflow.set_tag("optuna.state", "COMPLETE")
+            for key, value in scores.items():
+                trial.set_user_attr(key, value)
+        return (val_accuracy, gap) if self.tune.multi_objective else val_accuracy
