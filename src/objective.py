@@ -107,9 +107,9 @@ class Objective:
                 # distribution the model was trained under
                 val_accuracy, gap = final_scores(result, self.train_split,
                                                  params.evaluate.batch_size)
-            except optuna.TrialPruned:
-                mlflow.set_tag("optuna.state", "PRUNED")
-                mlflow.end_run("KILLED")
+            except optuna.TrialPruned:  # a verdict, not a fault: FINISHED, as Optuna's own
+                mlflow.set_tag("optuna.state", "PRUNED")  # MLflow callback ends it
+                mlflow.end_run("FINISHED")
                 raise
             except TimeoutReached as stopped:  # its point is trained again by the next run
                 mlflow.set_tag("optuna.state", "FAIL")

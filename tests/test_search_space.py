@@ -276,3 +276,31 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     (retry,) = [t for t in trials.values() if t.system_attrs.get("failed_trial") == orphan.number]
     assert retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.params == {"model.dropout": orphan.params["model.dropout"]}
+
+
+def test_a_pruned_trial_s_run_ends_finished_with_its_state_as_a_tag(tmp_path):
+    """Pruning is a verdict, not a fault: the run shows as finished in the MLflow UI (as
+    Optuna's MLflow callback ends it), tagged PRUNED, without final scores."""
+    import mlflow
+
+    import cifar
+    from conftest import TINY
+
+    class AlwaysPrune(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    raw = with_overrides(RAW, TINY)
+    tune = parse_tune(raw, {"epochs": 2, "max_gap": None})
+    rng = np.random.default_rng(0)
+    split = cifar.Split(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+                        rng.integers(0, 10, 64).astype(np.uint8))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("pruned")
+    study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+    study.optimize(Objective(raw, tune, split, split, None), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
+    assert "val_accuracy_final" not in run.data.metrics and "val_accuracy" in run.data.metrics
