@@ -60,7 +60,7 @@ def _placeholder(text: str, path: Path) -> None:
 
 
 def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
-           best: optuna.trial.FrozenTrial | None) -> None:
+           best: optuna.trial.FrozenTrial | None, title: str) -> None:
     multi = len(study.directions) > 1
     target = {"target": _accuracy, "target_name": "val_accuracy"} if multi else {}
     with warnings.catch_warnings():
@@ -90,7 +90,7 @@ def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
     if best is not None:
         axes.scatter(best.user_attrs.get("honest_gap"), _accuracy(best), s=160,
                      facecolors="none", edgecolors="tab:green", linewidths=2,
-                     label=f"winner: trial {best.number}")
+                     label=f"{title} {best.number}")
     if tune.max_gap is not None:
         axes.axvline(tune.max_gap, color="tab:gray", linestyle="--",
                      label=f"tune.max_gap {tune.max_gap} (feasible: left of it)")
@@ -211,7 +211,10 @@ def report(study: optuna.Study, tune: Tune, end: str = "accuracy", label: str = 
         folder = Path(tmp)
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
         if complete:
-            _plots(study, complete, folder, tune, leader)
+            # a study whose best trials are confirmed has no winner of its own: its best
+            # short trial is labelled as what it is
+            _plots(study, complete, folder, tune, leader,
+                   "best short trial" if confirmed_in else title)
         mlflow.log_artifacts(tmp, artifact_path=label)
     queued = ("; waiting: queued starting points that a later invocation with a larger "
               "--n-trials trains") if counts.get("waiting") else ""
