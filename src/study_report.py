@@ -95,7 +95,7 @@ def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
         axes.axvline(tune.max_gap, color="tab:gray", linestyle="--",
                      label=f"tune.max_gap {tune.max_gap} (feasible: left of it)")
     if best is not None or tune.max_gap is not None:
-        axes.legend(loc="lower right", fontsize=8)
+        axes.legend(loc="best", fontsize=8)
     axes.set(xlabel="honest gap (train acc. in inference mode - val acc.)",
              ylabel="validation accuracy", title="Trials: accuracy against gap")
     axes.grid(alpha=0.3)
