@@ -79,5 +79,5 @@ def test_the_accuracy_gap_figure_labels_the_winner_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(study_report, "_save", keep_labels)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    study_report._plots(study, complete, tmp_path, TUNE, best)
+    study_report._plots(study, complete, tmp_path, TUNE, best, "best trial")
     assert labels["accuracy_vs_gap.png"] == [f"trial {best.number}"] == ["trial 2"]
