@@ -197,18 +197,17 @@ def adopt_orphans(study: optuna.Study, tune: Tune) -> list[int]:
     clocks; workers on several machines need clocks closer than the grace period.)
     """
     storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps it in a cache
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if not running or not isinstance(storage, optuna.storages.RDBStorage) \
+    cutoff = datetime.now() - timedelta(seconds=tune.grace_period)
+    old = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and t.datetime_start < cutoff]
+    if not old or not isinstance(storage, optuna.storages.RDBStorage) \
             or storage.get_heartbeat_interval() is None:
-        return []
+        return []  # the usual case, every poll: no query of the heartbeats
     query = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids"
                             ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
     with storage.engine.connect() as connection:  # Optuna's own table of heartbeats
-        beating = set(connection.execute(query, {"ids": [t._trial_id for t in running]}
-                                         ).scalars())
-    cutoff = datetime.now() - timedelta(seconds=tune.grace_period)
-    orphans = [t for t in running if t._trial_id not in beating
-               and t.datetime_start is not None and t.datetime_start < cutoff]
+        beating = set(connection.execute(query, {"ids": [t._trial_id for t in old]}).scalars())
+    orphans = [t for t in old if t._trial_id not in beating]
     for trial in orphans:
         storage.record_heartbeat(trial._trial_id)
         print(f"tune: trial {trial.number} of {study.study_name!r} is RUNNING with no heartbeat "
