@@ -222,7 +222,8 @@ def report(study: optuna.Study, tune: Tune, end: str = "accuracy", label: str = 
     _study_note(study, tune, leader, confirmed_in)
     if leader is None:
         if complete:
-            print(f"tune: no complete trial meets tune.max_gap ({tune.max_gap}) yet")
+            trials = "confirmed trial" if label == "confirm" else "complete trial"
+            print(f"tune: no {trials} meets tune.max_gap ({tune.max_gap})")
         return None
     if len(study.directions) > 1:
         print("tune: Pareto front (trial: val accuracy, honest gap):")

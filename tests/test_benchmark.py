@@ -93,6 +93,23 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
     assert "cost per trial: " in result.stdout
 
 
+def test_fidelity_ranks_accuracy_by_the_preset_s_gap_too(tmp_path):
+    configs = tmp_path / "configs.yaml"
+    measured = "epochs: 3, train_limit: 100, source: a trial"
+    configs.write_text(  # presets measured: trains nothing
+        f"a: {{overrides: {{}}, test_accuracy: 0.7, honest_gap: 0.3, presets: "
+        f"[{{val_accuracy: 0.9, honest_gap: 0.25, {measured}}}]}}\n"
+        f"b: {{overrides: {{}}, test_accuracy: 0.8, honest_gap: 0.2, presets: "
+        f"[{{val_accuracy: 0.8, honest_gap: 0.05, {measured}}}]}}\n"
+        f"c: {{overrides: {{}}, test_accuracy: 0.9, honest_gap: 0.1, presets: "
+        f"[{{val_accuracy: 0.7, honest_gap: 0.1, {measured}}}]}}\n")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"),
+                             str(configs), "--epochs", "3", "--train-limit", "100"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ("Spearman rank correlation over 3 configurations (all): accuracy -1.000, honest gap "
+            "0.500, accuracy by the smallest preset gap 0.500\n") in result.stdout, result.stderr
+
+
 def test_fidelity_of_the_full_runs_stopped_early_trains_nothing(tmp_path):
     configs = tmp_path / "configs.yaml"
     configs.write_text("a: {overrides: {}, test_accuracy: 0.7, val_curve: {10: 0.6, 20: 0.65}}\n"
