@@ -20,8 +20,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+import study_report
 from params import Tune
-from study_report import ranked
 
 SUFFIX = "-confirm"
 CONFIRMS = "confirms"  # a confirming trial's user attr: the number of the trial it confirms
@@ -51,7 +51,7 @@ def queue(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str) -
     held = [t.system_attrs.get("fixed_params", t.params)
             for t in confirming.get_trials(deepcopy=False, states=HELD)]
     queued = []
-    for trial in ranked(study, end)[:tune.confirm]:
+    for trial in study_report.ranked(study, end)[:tune.confirm]:
         point = {key: trial.params[key] for key in tune.space}
         if point not in held:
             confirming.enqueue_trial(point, user_attrs={CONFIRMS: trial.number})
@@ -86,6 +86,14 @@ def summary(study: optuna.Study, confirming: optuna.Study, tune: Tune) -> list[s
                      f"accuracy {trial.values[0]:.4f}, honest gap {gap:.4f}"
                      + ("" if within else f" (over tune.max_gap {tune.max_gap})"))
     return lines
+
+
+def report(confirming: optuna.Study, tune: Tune) -> FrozenTrial | None:
+    """The companion study's report (study_report.report) and its winner: the confirmed trial
+    with the best validation accuracy within `tune.max_gap`, whichever end of a
+    multi-objective study's front its trials were confirmed from."""
+    return study_report.report(confirming, tune, None, label="confirm",
+                               title="winner: confirmed trial")
 
 
 def confirmed_number(winner: FrozenTrial) -> str:

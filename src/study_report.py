@@ -195,18 +195,19 @@ def best(study: optuna.Study, end: str = "accuracy") -> optuna.trial.FrozenTrial
     return candidates[0] if candidates else None
 
 
-def report(study: optuna.Study, tune: Tune, end: str = "accuracy", label: str = "study",
+def report(study: optuna.Study, tune: Tune, end: str | None = "accuracy", label: str = "study",
            confirmed_in: str | None = None, title: str = "best trial"
            ) -> optuna.trial.FrozenTrial | None:
     """Log the study report to the active (parent) run, its files under `label` (its metrics
     prefixed by it unless it is "study"); return its best trial (printed as `title`) or None.
-    `confirmed_in`: the companion study that confirms this one's best trials
-    (confirmation.py)."""
+    `end`: the end of a multi-objective study's Pareto front its best trial is taken from
+    (None: the highest val accuracy, no end to choose). `confirmed_in`: the companion study
+    that confirms this one's best trials (confirmation.py)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     counts = _counts(study)
     prefix = "" if label == "study" else f"{label}_"
     mlflow.log_metrics({f"{prefix}trials_{name}": n for name, n in counts.items()})
-    leader = best(study, end)
+    leader = best(study, end or "accuracy")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
@@ -229,10 +230,12 @@ def report(study: optuna.Study, tune: Tune, end: str = "accuracy", label: str = 
         print("tune: Pareto front (trial: val accuracy, honest gap):")
         for trial in sorted(study.best_trials, key=_accuracy, reverse=True):
             print(f"  {trial.number}: {trial.values[0]:.4f}, {trial.values[1]:.4f}")
-        other = "gap" if end == "accuracy" else "accuracy"
-        print(f"tune: best trial taken from the front's {end} end "
-              f"({'highest val accuracy' if end == 'accuracy' else 'smallest honest gap'}); "
-              f"--front-end {other} takes the other end")
+        if end is not None:
+            other = "gap" if end == "accuracy" else "accuracy"
+            taken = "trials confirmed" if confirmed_in else "best trial taken"
+            print(f"tune: {taken} from the front's {end} end "
+                  f"({'highest val accuracy' if end == 'accuracy' else 'smallest honest gap'}"
+                  f"); --front-end {other} takes the other end")
     added = leader.user_attrs.get("added_run")
     print(f"tune: {title} {leader.number}: val accuracy {_accuracy(leader):.4f}, "
           f"honest gap {leader.user_attrs.get('honest_gap', float('nan')):.4f}"

@@ -154,8 +154,7 @@ def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Stud
         for line in confirmation.summary(study, companion, tune):
             print(f"tune: {line.strip()}")
         with study_lock(tune):
-            winner = study_report.report(companion, run.confirming, run.end, label="confirm",
-                                         title="winner: confirmed trial")
+            winner = confirmation.report(companion, run.confirming)
         holder, measured = companion, f"confirmed at the pipeline's length, {run.pipeline}"
     with study_lock(tune):
         point = study_report.declare([study, *([companion] if companion else [])], tune,
@@ -296,8 +295,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--apply-unconfirmed", action="store_true",
                         help="with no confirmed winner, write the best short trial's point")
     parser.add_argument("--front-end", choices=study_report.ENDS,
-                        help="multi-objective: the end of the Pareto front the winner is taken "
-                        "from (default: accuracy, the highest val accuracy)")
+                        help="multi-objective: the end of the Pareto front whose trials are "
+                        "confirmed (or, with nothing to confirm, the winner is taken from; "
+                        "default: accuracy, the highest val accuracy)")
     return parser.parse_args(argv)
 
 

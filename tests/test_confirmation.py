@@ -203,3 +203,35 @@ def test_front_end_needs_a_multi_objective_study(short):
     refused = tune(short, "--n-trials", "1", "--front-end", "gap", check=False)
     assert refused.returncode != 0
     assert "--front-end gap: a single-objective study has one best trial" in refused.stderr
+
+
+def test_the_confirmed_winner_has_the_best_val_accuracy_whichever_end_was_confirmed(tmp_path,
+                                                                                      capsys):
+    """A multi-objective study confirms its front's gap end (`--front-end gap`); among the
+    confirmations the winner is still the best validation accuracy within tune.max_gap, not the
+    smallest gap."""
+    import confirmation
+    from conftest import ROOT
+    from params import parse_tune, with_overrides
+    from shared_study import make_study
+
+    raw = with_overrides(read_yaml(ROOT / "params.yaml"), {
+        **NO_STARTING_POINTS, "tune.space": SMALL_SPACE, "tune.multi_objective": True,
+        "tune.max_gap": 0.08, "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    confirming = confirmation.companion(parse_tune(raw), pipeline_epochs=50)
+    companion = make_study(confirming)
+    for number, (accuracy, gap) in enumerate(((0.8403, 0.0482), (0.8633, 0.0728),
+                                              (0.8700, 0.1200))):  # the last over max_gap
+        companion.add_trial(optuna.trial.create_trial(
+            values=[accuracy, gap], params={"model.dropout": 0.1 * number,
+                                            "train.learning_rate": 0.01},
+            distributions=distributions(confirming.space),
+            user_attrs={"honest_gap": gap, "confirms": number},
+            constraints={"honest_gap": gap - 0.08}))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        winner = confirmation.report(companion, confirming)
+    assert winner.values == [0.8633, 0.0728]
+    out = capsys.readouterr().out
+    assert "tune: winner: confirmed trial 1: val accuracy 0.8633, honest gap 0.0728" in out
+    assert "--front-end" not in out  # the end chose what was confirmed, not among confirmations
