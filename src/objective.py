@@ -32,19 +32,28 @@ from search_space import overrides, sample, trial_params
 QUEUED_ATTRS = ("recipe", "recipe_variant", confirmation.CONFIRMS)
 
 
+def queue_again(trial: optuna.Trial, why: str) -> None:
+    """Queue the trial's point for the next invocation, with what it stands for (a starting
+    point, a confirmation) and `why` (the number of the trial it replaces)."""
+    kept = {key: value for key, value in trial.user_attrs.items() if key in QUEUED_ATTRS}
+    trial.study.enqueue_trial(trial.params, user_attrs={**kept, why: trial.number})
+
+
 class TimeoutReached(Exception):
     """The invocation's --timeout passed during a trial (Optuna records the trial as FAIL)."""
 
 
 class Deadline(keras.callbacks.Callback):
-    """Stop the trial after the epoch in which the invocation's timeout passed."""
+    """Stop the trial after the epoch in which the invocation's timeout passed, unless that
+    epoch was its last (a trained trial is scored, not trained again)."""
 
     def __init__(self, deadline: float | None):
         super().__init__()
         self.deadline = deadline
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        last = epoch + 1 >= self.params.get("epochs", epoch + 2)
+        if self.deadline is not None and not last and time.monotonic() > self.deadline:
             raise TimeoutReached(f"stopped after epoch {epoch + 1}: --timeout reached")
 
 
@@ -114,15 +123,18 @@ class Objective:
             except TimeoutReached as stopped:  # its point is trained again by the next run
                 mlflow.set_tag("optuna.state", "FAIL")
                 mlflow.end_run("KILLED")
-                # what it stands for (a starting point, a confirmation) goes with it
-                kept = {key: value for key, value in trial.user_attrs.items()
-                        if key in QUEUED_ATTRS}
-                trial.study.enqueue_trial(trial.params, user_attrs={
-                    **kept, "timed_out_trial": trial.number})
+                queue_again(trial, "timed_out_trial")
                 print(f"tune: trial {trial.number} {stopped}; its point is queued for the next "
                       "invocation")
                 raise
-            except (Exception, KeyboardInterrupt):  # Optuna records both as FAIL
+            except KeyboardInterrupt:  # Ctrl-C, SIGTERM (cli.Terminated): FAIL in Optuna
+                mlflow.set_tag("optuna.state", "FAIL")
+                # a sampled point is sampled anew; a starting point or a confirmation would
+                # be lost (a study queues its starting points once, when it is new)
+                if any(key in trial.user_attrs for key in QUEUED_ATTRS):
+                    queue_again(trial, "interrupted_trial")
+                raise
+            except Exception:  # Optuna records it as FAIL
                 mlflow.set_tag("optuna.state", "FAIL")
                 raise
             finally:

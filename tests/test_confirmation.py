@@ -140,31 +140,17 @@ def test_a_confirmation_killed_mid_way_is_retried_by_the_next_invocation(short):
 def test_a_confirmation_cut_by_the_timeout_is_queued_again_as_a_confirmation(tmp_path):
     """The invocation's --timeout stops a confirming trial after an epoch; its point is queued
     again with the trial it confirms, and `confirmation.queue` does not queue it twice."""
-    import numpy as np
-
-    import cifar
     import confirmation
-    from conftest import ROOT, TINY
     from objective import Objective, TimeoutReached
-    from params import parse_tune, with_overrides
     from shared_study import make_study
 
-    raw = with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
-        **NO_STARTING_POINTS, "tune.space": SMALL_SPACE, "tune.max_gap": None,
-        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
-    tune_settings = parse_tune(raw, {"epochs": 1})
-    study = make_study(tune_settings)
+    raw, tune_settings, study, split = _tiny_study(tmp_path)
     study.add_trial(optuna.trial.create_trial(
         value=0.5, params={"model.dropout": 0.1, "train.learning_rate": 0.01},
         distributions=distributions(tune_settings.space)))
     confirming = confirmation.companion(tune_settings, pipeline_epochs=3)
     companion = make_study(confirming)
     assert confirmation.queue(study, companion, tune_settings, "accuracy") == [0]
-    rng = np.random.default_rng(0)
-    split = cifar.Split(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-                        rng.integers(0, 10, 64).astype(np.uint8))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("confirm")
     passed = time.monotonic() - 1  # the invocation's timeout has passed: stop after an epoch
     companion.optimize(Objective(raw, confirming, split, split, passed),
                        n_trials=1, catch=(TimeoutReached,))
@@ -174,6 +160,60 @@ def test_a_confirmation_cut_by_the_timeout_is_queued_again_as_a_confirmation(tmp
     assert queued.user_attrs["confirms"] == 0 and queued.user_attrs["timed_out_trial"] == 0
     assert confirmation.queue(study, companion, tune_settings, "accuracy") == []  # held
     assert confirmation.budget(companion) == 1
+
+
+def _tiny_study(tmp_path, **settings):
+    """A study of 1-epoch trials on 64 random images, and those images."""
+    import numpy as np
+
+    import cifar
+    from conftest import ROOT, TINY
+    from params import parse_tune, with_overrides
+    from shared_study import make_study
+
+    raw = with_overrides(read_yaml(ROOT / "params.yaml"), TINY | {
+        **NO_STARTING_POINTS, "tune.space": SMALL_SPACE, "tune.max_gap": None,
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}", **settings})
+    tune_settings = parse_tune(raw, {"epochs": 1})
+    rng = np.random.default_rng(0)
+    split = cifar.Split(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+                        rng.integers(0, 10, 64).astype(np.uint8))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("tiny")
+    return raw, tune_settings, make_study(tune_settings), split
+
+
+def test_an_interrupted_starting_point_is_queued_again(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) in the recipe's trial: the trial fails, and the recipe is queued
+    again for the next invocation (a study queues its starting points only when it is new)."""
+    import objective
+    from objective import Objective
+
+    raw, tune_settings, study, split = _tiny_study(
+        tmp_path, **{"tune.recipe": {"model.dropout": 0.25, "train.learning_rate": 0.01}})
+
+    def interrupt(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objective.Deadline, "on_epoch_end", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(Objective(raw, tune_settings, split, split, None), n_trials=1)
+    cut, queued = study.trials
+    assert cut.state == TrialState.FAIL and "recipe" in cut.user_attrs
+    assert queued.state == TrialState.WAITING
+    assert queued.system_attrs["fixed_params"] == cut.params
+    assert queued.user_attrs["recipe"] is True and queued.user_attrs["interrupted_trial"] == 0
+
+
+def test_a_trial_whose_last_epoch_ends_after_the_timeout_is_scored(tmp_path):
+    from objective import Objective, TimeoutReached
+
+    raw, tune_settings, study, split = _tiny_study(tmp_path)
+    passed = time.monotonic() - 1  # passed during its only epoch
+    study.optimize(Objective(raw, tune_settings, split, split, passed), n_trials=1,
+                   catch=(TimeoutReached,))
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE
 
 
 def _confirming(project) -> bool:
