@@ -169,8 +169,12 @@ def replay(study: optuna.Study, trial: FrozenTrial) -> int:
     """Add the complete `trial` as if it had trained in the study: its curve is reported epoch
     by epoch to the study's pruner, which records the rungs it reaches (Hyperband compares
     trials there), then its values are told. The pruner's answers are ignored: the run
-    finished. Call it under the study lock (the new trial is the study's last); returns its
+    finished. A multi-objective study has no pruner and takes no reports: the trial is added
+    as it is. Call it under the study lock (the new trial is the study's last); returns its
     number."""
+    if len(study.directions) > 1:
+        study.add_trial(trial)
+        return study.get_trials(deepcopy=False)[-1].number
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.RUNNING, params=trial.params, distributions=trial.distributions,
         user_attrs=trial.user_attrs, system_attrs=trial.system_attrs))
@@ -181,9 +185,8 @@ def replay(study: optuna.Study, trial: FrozenTrial) -> int:
         try:
             for step, value in sorted(trial.intermediate_values.items()):
                 live.report(value, step)
-                if len(study.directions) == 1:  # Optuna prunes single objectives only
-                    live.should_prune()
-            study.tell(live, trial.values if len(trial.values) > 1 else trial.values[0])
+                live.should_prune()
+            study.tell(live, trial.value)
         except BaseException:  # never left RUNNING: with no heartbeat, nothing would fail it
             study.tell(live, state=TrialState.FAIL)
             raise

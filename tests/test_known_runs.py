@@ -32,6 +32,23 @@ def test_added_trials_carry_the_distributions_sampling_makes():
         assert trial.distributions == distributions(tune.space)
 
 
+@pytest.mark.parametrize("values", [[0.8], [0.8, 0.05]], ids=["single", "multi-objective"])
+def test_an_added_run_is_a_complete_trial_of_single_and_multi_objective_studies(values):
+    tune = parse_tune(REAL)
+    study = optuna.create_study(directions=["maximize", "minimize"][:len(values)])
+    point = dict(tune.recipe)
+    curve = {1: 0.5, 2: 0.8}
+    run = optuna.trial.create_trial(
+        state=TrialState.COMPLETE, values=values, params=point,
+        distributions=distributions(tune.space), intermediate_values=curve,
+        user_attrs={"pipeline_run_id": "0" * 32, "added_run": "a-run", "honest_gap": 0.05,
+                    "val_accuracy_final": 0.8})
+    known_runs.add(study, [run])  # a multi-objective study takes no reports: it was refused
+    (added,) = study.trials
+    assert added.state == TrialState.COMPLETE and added.values == values
+    assert added.intermediate_values == curve and added.params == point
+
+
 def logged(overrides: dict, code: str | None = None) -> SimpleNamespace:
     """A pipeline run of the real params with `overrides`, its params as train.py logs them,
     trained by this training code (or the one `code` names)."""
