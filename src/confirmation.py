@@ -21,9 +21,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import study_report
-from params import Tune
+from params import CONFIRM_SUFFIX, Tune
 
-SUFFIX = "-confirm"
+SUFFIX = CONFIRM_SUFFIX
 CONFIRMS = "confirms"  # a confirming trial's user attr: the number of the trial it confirms
 
 

@@ -20,7 +20,8 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from ruamel.yaml import YAML, YAMLError
 
 import atomic
@@ -136,6 +137,9 @@ class Choice(_Section):
     choices: Annotated[list[Value], Field(min_length=1)]
 
 
+CONFIRM_SUFFIX = "-confirm"  # a study's companion, which confirms its best trials (confirmation.py)
+
+
 class Tune(_Section):
     study_name: Annotated[str, Field(min_length=1)]
     storage: str | None
@@ -157,6 +161,14 @@ class Tune(_Section):
     recipe: dict[str, Value] | None  # the first trial of a new study (None: none enqueued)
     # the next trials of a new study: the recipe, each with these changes
     variants: list[Annotated[dict[str, Value], Field(min_length=1)]]
+
+    @field_validator("study_name")
+    @classmethod
+    def _not_a_companion(cls, name: str) -> str:
+        if name.endswith(CONFIRM_SUFFIX):
+            raise ValueError(f"{name!r} ends in {CONFIRM_SUFFIX!r}, which names the companion "
+                             "study that confirms a study's best trials")
+        return name
 
     @model_validator(mode="after")
     def _keys_exist(self) -> Tune:
@@ -225,6 +237,8 @@ def _where(error: ValidationError) -> tuple[tuple[str, ...], str]:
         message = "unknown key"
     elif first["type"] == "missing":
         message = "missing key"
+    elif first["type"] == "value_error":  # our validators' own messages name the value
+        message = str(first["ctx"]["error"])
     elif isinstance(first.get("input"), str | int | float | bool | None):
         message = f"{message} (got {first['input']!r})"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""

@@ -47,6 +47,8 @@ def with_change(path: tuple[str, ...], value) -> dict:
     (("model", "dropout"), 1.5, r"model.dropout: Input should be less than 1 \(got 1.5\)$"),
     (("train", "lr_schedule"), "linear", "train.lr_schedule: Input should be 'constant' or"),
     (("data", "md5"), "xyz", "data.md5: String should match pattern"),
+    (("tune", "study_name"), "mine-confirm", "tune.study_name: 'mine-confirm' ends in '-confirm', "
+     "which names the companion study that confirms a study's best trials$"),
 ])
 def test_bad_values_name_the_key(path, value, message):
     with pytest.raises(ParamsError, match="^params.yaml: " + message):  # message: a regex
