@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -42,6 +43,19 @@ warnings.filterwarnings("ignore", message="Argument ``heartbeat_interval`` is an
 
 def storage_url(tune: Tune) -> str:
     return tune.storage or f"sqlite:///{tracking.project_root() / 'optuna.db'}"
+
+
+def exists(tune: Tune) -> bool:
+    """Whether the storage holds the study (a missing SQLite file is not created)."""
+    url = sqlalchemy.engine.make_url(storage_url(tune))
+    if url.drivername.startswith("sqlite") and not (url.database and Path(url.database).is_file()):
+        return False
+    return tune.study_name in optuna.get_all_study_names(storage_url(tune))
+
+
+def shown(url: str) -> str:
+    """A storage URL as printed: without its password."""
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def study_lock(tune: Tune) -> DatabaseLock:

@@ -43,7 +43,8 @@ from cifar import Split, load_split
 from objective import Objective
 from params import Params, Tune, load_params, parse_tune, read_yaml, update_yaml
 from search_space import as_nested, exp_run_command
-from shared_study import FINISHED, make_study, parent_run_id, run_study, study_lock
+from shared_study import (FINISHED, exists, make_study, parent_run_id, run_study, shown,
+                          storage_url, study_lock)
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
                     "artifacts, the best trial's point as best.* tags and its scores as "
@@ -203,6 +204,9 @@ def write_winner(run: Invocation, leader: optuna.trial.FrozenTrial | None, point
 
 def tune(args: argparse.Namespace) -> dict:
     run = invocation(args)
+    if args.report_only and not exists(run.tune):  # reads a study, never makes one
+        raise cli.UserError(f"--report-only: no study {run.tune.study_name!r} in "
+                            f"{shown(storage_url(run.tune))}")
     experiment = f"{run.params.mlflow.experiment}-tune"
     tracking.configure(experiment, TUNE_DESCRIPTION, TUNE_COLUMNS)
     known, known_full = added_runs(run)  # before the studies: a new study starts with them

@@ -167,6 +167,11 @@ def test_timeout_stops_a_trial_mid_way_and_queues_its_point(tuned):
 
 
 def test_report_only_trains_nothing(tuned):
+    missing = tune(tuned, "--report-only", check=False)  # reads a study, never makes one
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == (
+        f"tune: error: --report-only: no study 'regularization' in sqlite:///{tuned}/optuna.db")
+    assert not (tuned / "optuna.db").exists()
     tune(tuned, "--n-trials", "1")
     before = [t.number for t in load(tuned).trials]
     (tuned / "reports/best_params.yaml").unlink()
