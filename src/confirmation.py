@@ -44,20 +44,38 @@ def is_full_length(tune: Tune, trial_images: int, pipeline_images: int,
 HELD = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 
 
-def queue(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str) -> list[int]:
-    """Queue the points of the study's `tune.confirm` best trials in the companion study, unless
-    it holds them (queued, running, trained or added; a point whose confirmation failed is
-    queued again); return the numbers of the trials queued."""
+def _unheld(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str
+            ) -> list[tuple[int, dict]]:
+    """(number, point) of the study's `tune.confirm` best trials whose point the companion
+    study does not hold (queued, running, trained or added; a failed confirmation is not held)."""
     held = [t.system_attrs.get("fixed_params", t.params)
             for t in confirming.get_trials(deepcopy=False, states=HELD)]
-    queued = []
+    unheld = []
     for trial in study_report.ranked(study, end)[:tune.confirm]:
         point = {key: trial.params[key] for key in tune.space}
-        if point not in held:
-            confirming.enqueue_trial(point, user_attrs={CONFIRMS: trial.number})
-            held.append(point)
-            queued.append(trial.number)
-    return queued
+        if point not in held and point not in (p for _, p in unheld):
+            unheld.append((trial.number, point))
+    return unheld
+
+
+def queue(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str) -> list[int]:
+    """Queue the points of the study's `tune.confirm` best trials in the companion study, unless
+    it holds them (a point whose confirmation failed is queued again); return the numbers of the
+    trials queued."""
+    unheld = _unheld(study, confirming, tune, end)
+    for number, point in unheld:
+        confirming.enqueue_trial(point, user_attrs={CONFIRMS: number})
+    return [number for number, _ in unheld]
+
+
+def pending(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str) -> bool:
+    """Whether confirmation is not done: the study has not finished its `tune.n_trials`
+    trials, a confirmation is queued or running, or one of its best trials is not confirmed."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return (len(finished) < tune.n_trials
+            or bool(confirming.get_trials(deepcopy=False,
+                                          states=(TrialState.RUNNING, TrialState.WAITING)))
+            or bool(_unheld(study, confirming, tune, end)))
 
 
 def budget(confirming: optuna.Study) -> int:

@@ -251,18 +251,18 @@ def point_of(trial: optuna.trial.FrozenTrial, tune: Tune) -> dict[str, Any]:
 
 
 def declare(studies: list[optuna.Study], tune: Tune, winner: optuna.trial.FrozenTrial | None,
-            holder: str, name: str, measured: str) -> dict[str, Any] | None:
+            holder: str, name: str, measured: str, why: str | None
+            ) -> dict[str, Any] | None:
     """Record the study's winner on the active (parent) run and its trials' runs: its point as
     `best.*` tags, its scores as `best_*` metrics, its trial and study, at what length it was
     measured, and the description shown in the MLflow UI. `studies`: the study, then its
     companion if any; `holder` names the study that holds the winner, `name` says which trial
-    it is, `measured` how it was trained."""
+    it is, `measured` how it was trained; `why` why there is no winner."""
     _tag_best(studies, winner)
     trials = _summary(_counts(studies[0])) + "".join(
         f"; its confirmations: {_summary(_counts(study))}" for study in studies[1:])
     if winner is None:
-        verdict = ("No winner: no complete trial has an honest gap within tune.max_gap "
-                   f"{tune.max_gap}.")
+        verdict = f"No winner: {why}."
         mlflow.set_tag(tracking.NOTE, f"Optuna study `{studies[0].study_name}`, one child run "
                        f"per trial ({trials}). {verdict}")
         return None

@@ -131,10 +131,10 @@ def added_runs(run: Invocation) -> tuple[list, list]:
 
 
 def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Study | None
-                    ) -> tuple[optuna.trial.FrozenTrial | None, dict | None, str]:
+                    ) -> tuple[optuna.trial.FrozenTrial | None, dict | None, str, str | None]:
     """Inside the study's parent run: the trials, the report, the confirmation and the winner
     declared. Returns the study's best short trial, the winner's point (None: no confirmed
-    winner yet) and what the winner was measured on."""
+    winner yet), what the winner was measured on, and why there is none (`no_winner`)."""
     tune = run.tune
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     if not run.args.report_only:
@@ -157,32 +157,42 @@ def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Stud
         with study_lock(tune):
             winner = confirmation.report(companion, run.confirming)
         holder, measured = companion, f"confirmed at the pipeline's length, {run.pipeline}"
+    why = None if winner is not None else no_winner(run, study, companion)
     with study_lock(tune):
         point = study_report.declare([study, *([companion] if companion else [])], tune,
                                      winner, holder.study_name, _winner_name(winner, holder),
-                                     measured)
-    return leader, point, measured
+                                     measured, why)
+    return leader, point, measured, why
+
+
+def no_winner(run: Invocation, study: optuna.Study, companion: optuna.Study | None) -> str:
+    """Why the study has no winner (yet), as the report, the parent run and --apply say it."""
+    tune = run.tune
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return "no trial is complete yet"
+    if run.full_length or not study_report.ranked(study, run.end):
+        return f"no complete trial has an honest gap within tune.max_gap {tune.max_gap}"
+    if companion is None:
+        return "tune.confirm is 0: nothing is confirmed at the pipeline's length"
+    if confirmation.pending(study, companion, tune, run.end):
+        return "its confirmation is not done: a rerun does it"
+    return f"no confirmed trial has an honest gap within tune.max_gap {tune.max_gap}"
 
 
 def write_winner(run: Invocation, leader: optuna.trial.FrozenTrial | None, point: dict | None,
-                 measured: str, companion: optuna.Study | None) -> dict:
+                 measured: str, why: str | None) -> dict:
     """reports/best_params.yaml, the commands that train the winner, and `--apply`: a confirmed
     winner, or the best short trial where none is confirmed (said so, applied only with
-    `--apply-unconfirmed`)."""
+    `--apply-unconfirmed`). `why`: why there is no winner (`no_winner`)."""
     args, tune = run.args, run.tune
     confirmed = point is not None
     if point is None and leader is not None and not run.full_length:
-        done = companion is not None and companion.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        why = ("no confirmed trial has an honest gap within tune.max_gap" if done
-               else "tune.confirm is 0: nothing is confirmed at the pipeline's length"
-               if not tune.confirm else "its confirmation is not done: a rerun does it")
         print(f"tune: no confirmed winner: {why}; the best short trial is trial "
               f"{leader.number} (val accuracy {leader.values[0]:.4f}, measured at {run.short})")
         point = study_report.point_of(leader, tune)
         measured = f"not confirmed: {run.short} only"
     if point is None:
-        print("tune: no winner yet: no complete trial meets the constraints"
+        print(f"tune: no winner: {why}"
               + ("; nothing applied" if args.apply or args.apply_unconfirmed else ""))
         return {}
     best_params = run.params.paths.best_params
@@ -217,10 +227,10 @@ def tune(args: argparse.Namespace) -> dict:
     with tracking.run(run_id=parent_run_id(study, run.tune, experiment, len(run.train))):
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags(invocation_tags(run.tune, len(run.train)))
-        leader, point, measured = run_and_declare(run, study, companion)
+        leader, point, measured, why = run_and_declare(run, study, companion)
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
-    return write_winner(run, leader, point, measured, companion)
+    return write_winner(run, leader, point, measured, why)
 
 
 def _winner_name(winner: optuna.trial.FrozenTrial | None, holder: optuna.Study) -> str:

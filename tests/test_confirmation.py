@@ -275,3 +275,33 @@ def test_the_confirmed_winner_has_the_best_val_accuracy_whichever_end_was_confir
     out = capsys.readouterr().out
     assert "tune: winner: confirmed trial 1: val accuracy 0.8633, honest gap 0.0728" in out
     assert "--front-end" not in out  # the end chose what was confirmed, not among confirmations
+
+
+def test_confirmation_is_pending_until_every_best_trial_is_confirmed():
+    """What `tune.py` says when there is no confirmed winner: a confirmation still queued (cut
+    by --timeout) is "not done", not "none within tune.max_gap"."""
+    import confirmation
+    from conftest import ROOT
+    from params import parse_tune, with_overrides
+
+    tune_settings = parse_tune(with_overrides(read_yaml(ROOT / "params.yaml"), {
+        **NO_STARTING_POINTS, "tune.space": SMALL_SPACE, "tune.max_gap": None,
+        "tune.n_trials": 3, "tune.confirm": 2}))
+    space = distributions(tune_settings.space)
+    study, companion = optuna.create_study(direction="maximize"), optuna.create_study()
+    for value, dropout in ((0.5, 0.1), (0.6, 0.2)):
+        study.add_trial(optuna.trial.create_trial(
+            value=value, params={"model.dropout": dropout, "train.learning_rate": 0.01},
+            distributions=space))
+    assert confirmation.pending(study, companion, tune_settings, "accuracy")  # 2 of 3 trials
+    study.add_trial(optuna.trial.create_trial(
+        value=0.4, params={"model.dropout": 0.3, "train.learning_rate": 0.01},
+        distributions=space))
+    assert confirmation.pending(study, companion, tune_settings, "accuracy")  # none queued
+    assert confirmation.queue(study, companion, tune_settings, "accuracy") == [1, 0]
+    assert confirmation.pending(study, companion, tune_settings, "accuracy")  # queued
+    first, second = companion.ask(), companion.ask()
+    companion.tell(first, 0.8)
+    assert confirmation.pending(study, companion, tune_settings, "accuracy")  # one running
+    companion.tell(second, 0.7)
+    assert not confirmation.pending(study, companion, tune_settings, "accuracy")
