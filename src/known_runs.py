@@ -34,10 +34,7 @@ from ruamel.yaml import YAML
 import tracking
 from cli import UserError
 from params import TUNABLE, Params, ParamsError, Tune, flatten, parse_params, with_overrides
-from search_space import as_sampled, distributions, trial_params
-
-# how a run trained, not what: a run may differ from the study's trials in these
-HOW = {"train.backend", "train.deterministic", "train.mixed_precision", "train.distribute"}
+from search_space import HOW, as_sampled, distributions, trial_params
 
 
 def find_run(name: str, experiment: str) -> mlflow.entities.Run:

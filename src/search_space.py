@@ -67,6 +67,23 @@ def as_sampled(values: dict[str, Any], tune: Tune) -> dict[str, Any]:
     return point
 
 
+# how a run trains, not what: runs (and a study's invocations) may differ in these
+HOW = {"train.backend", "train.deterministic", "train.mixed_precision", "train.distribute"}
+
+
+def fixed_params(raw: dict, tune: Tune) -> dict[str, Any]:
+    """What every trial of a study trains with besides its point and its epochs: the seed, the
+    data and the params outside the space (how it runs, `HOW`, left out)."""
+    params = parse_params(raw)
+    flat = {"seed": params.seed, "data.md5": params.data.md5,
+            "data.val_size": params.data.val_size}
+    for section in ("model", "augment", "train"):
+        flat |= {f"{section}.{key}": value for key, value
+                 in getattr(params, section).model_dump(mode="json").items()}
+    return {key: value for key, value in flat.items()
+            if key not in tune.space and key not in HOW and key != "train.epochs"}
+
+
 def trial_params(raw: dict, point: dict[str, Any], tune: Tune) -> Params:
     """The full, validated params of a trial: params.yaml + the point + the trial budget."""
     return parse_params(with_overrides(raw, {**overrides(point, tune),

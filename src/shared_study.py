@@ -96,18 +96,22 @@ def space(tune: Tune) -> dict[str, dict]:
 IDENTITY = "identity"  # the study's user attr: the settings that say what its trials mean
 
 
-def identity(tune: Tune, train_images: int | None) -> dict[str, Any]:
+def identity(tune: Tune, train_images: int | None, fixed: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     """The settings that change what a trial's value means: trials made under other values
-    cannot be compared with these, so a study keeps the ones it was made with."""
+    cannot be compared with these, so a study keeps the ones it was made with. `fixed`: what
+    its trials train with besides their points (search_space.fixed_params)."""
     return json.loads(json.dumps({
         "tune.max_gap": tune.max_gap, "tune.lr_reference_batch": tune.lr_reference_batch,
         "tune.epochs": tune.epochs, "tune.train_limit": train_images,
-        "tune.objectives": metric_names(tune), "tune.space": space(tune)}))
+        "tune.objectives": metric_names(tune), "tune.space": space(tune), **(fixed or {})}))
 
 
-def check_identity(study: optuna.Study, tune: Tune, train_images: int | None) -> None:
-    """Record the study's identity, or refuse an invocation that differs from it in one line."""
-    mine = identity(tune, train_images)
+def check_identity(study: optuna.Study, tune: Tune, train_images: int | None,
+                   fixed: dict[str, Any] | None = None) -> None:
+    """Record the study's identity, or refuse an invocation that differs from it in one line.
+    A setting the study did not record (made by an earlier version) is not compared."""
+    mine = identity(tune, train_images, fixed)
     recorded = study.user_attrs.get(IDENTITY)
     if recorded is None:
         study.set_user_attr(IDENTITY, mine)
@@ -115,15 +119,20 @@ def check_identity(study: optuna.Study, tune: Tune, train_images: int | None) ->
     for key, value in mine.items():
         unknown = key == "tune.train_limit" and None in (value, recorded.get(key))
         if key in recorded and recorded[key] != value and not unknown:
-            what = "training images" if key == "tune.train_limit" else key
+            what, before = ("training images" if key == "tune.train_limit" else key), recorded[key]
+            if key == "tune.space":  # name the first key that differs, not the whole space
+                what = min(k for k in {*before, *value} if before.get(k) != value.get(k))
+                before, value = before.get(what, "absent"), value.get(what, "absent")
+                what = f"tune.space {what}"
             raise cli.UserError(
-                f"study {tune.study_name!r} was made with {what} {json.dumps(recorded[key])}, "
+                f"study {tune.study_name!r} was made with {what} {json.dumps(before)}, "
                 f"this invocation has {json.dumps(value)}: use the study's value, or "
                 "--study-name for a new study")
 
 
 def make_study(tune: Tune, known: Sequence[optuna.trial.FrozenTrial] = (),
-               train_images: int | None = None) -> optuna.Study:
+               train_images: int | None = None, fixed: dict[str, Any] | None = None
+               ) -> optuna.Study:
     """Create or load the study; tables and study are created by one worker at a time.
 
     `known` are complete trials made elsewhere (known_runs.py), added unless the study holds
@@ -144,7 +153,7 @@ def make_study(tune: Tune, known: Sequence[optuna.trial.FrozenTrial] = (),
                                  "use --study-name for a new one")
         if study.metric_names != metric_names(tune):  # shown by optuna-dashboard and plots
             study.set_metric_names(metric_names(tune))
-        check_identity(study, tune, train_images)
+        check_identity(study, tune, train_images, fixed)
         new = not study.get_trials(deepcopy=False)
         known_runs.add(study, known)
         if new:
@@ -216,7 +225,7 @@ def adopt_orphans(study: optuna.Study, tune: Tune) -> list[int]:
            if t.datetime_start is not None and t.datetime_start < cutoff]
     if not old or not isinstance(storage, optuna.storages.RDBStorage) \
             or storage.get_heartbeat_interval() is None:
-        return []  # the usual case, every poll: no query of the heartbeats
+        return []  # no trial older than the grace period: no query of the heartbeats
     query = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids"
                             ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
     with storage.engine.connect() as connection:  # Optuna's own table of heartbeats

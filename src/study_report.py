@@ -3,9 +3,9 @@
 A table of all trials (CSV), the optimization history, the parameter importances and validation
 accuracy against the honest gap (PNGs); the best trial's MLflow run is tagged `optuna.best=true`.
 The parent run gets the best trial's number and params as tags (`optuna.best_trial`,
-`best.<key>`) and its scores as metrics (`best_val_accuracy`, `best_honest_gap`). Returns the
-best point: the highest validation accuracy (on the Pareto front when the study is
-multi-objective, from the end asked for).
+`best.<key>`) and its scores as metrics (`best_val_accuracy`, `best_honest_gap`). `report`
+returns the best trial: the highest validation accuracy within `tune.max_gap` (on the Pareto
+front when the study is multi-objective, from the end asked for).
 """
 
 from __future__ import annotations
@@ -146,14 +146,16 @@ def _feasibility(gap: float, max_gap: float) -> str:
 
 
 def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial | None,
-                confirmed_in: str | None = None) -> None:
+                confirmed_in: str | None = None, end: str | None = "accuracy") -> None:
     """What optuna-dashboard shows on the study page: its winner, or that it has none (the
     dashboard's own "Best Trial" ignores constraints). A study whose best trials are confirmed
     at full length names the study that holds its winner instead."""
     if confirmed_in is not None:
-        save_note(study, f"Short trials: the best {tune.confirm} within tune.max_gap "
-                  f"{tune.max_gap} are trained again at the pipeline's length in the study "
-                  f"**{confirmed_in}**, whose best is this study's winner.")
+        which = (f"the {tune.confirm} with the smallest honest gap on the Pareto front"
+                 if len(study.directions) > 1 and end == "gap" else f"the best {tune.confirm}")
+        save_note(study, f"Short trials: {which} within tune.max_gap {tune.max_gap} are "
+                  f"trained again at the pipeline's length in the study **{confirmed_in}**, "
+                  "whose best validation accuracy within tune.max_gap is this study's winner.")
         return
     if tune.max_gap is None:
         return
@@ -217,10 +219,12 @@ def report(study: optuna.Study, tune: Tune, end: str | None = "accuracy", label:
             _plots(study, complete, folder, tune, leader,
                    "best short trial" if confirmed_in else title)
         mlflow.log_artifacts(tmp, artifact_path=label)
-    queued = ("; waiting: queued starting points that a later invocation with a larger "
-              "--n-trials trains") if counts.get("waiting") else ""
+    # starting points, retries of a dead worker's trials, points cut by --timeout or Ctrl-C,
+    # confirmations: a rerun trains them, within its budget
+    queued = ("; waiting: queued points that a rerun trains (a larger --n-trials once the "
+              "budget is spent)") if counts.get("waiting") else ""
     print(f"tune: study {study.study_name!r}: {_summary(counts)}{queued}")
-    _study_note(study, tune, leader, confirmed_in)
+    _study_note(study, tune, leader, confirmed_in, end)
     if leader is None:
         if complete:
             trials = "confirmed trial" if label == "confirm" else "complete trial"

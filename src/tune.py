@@ -1,10 +1,10 @@
 """Optuna study over the seed's regularization, every trial tracked in MLflow.
 
     python src/tune.py                          # settings from the `tune` section of params.yaml
-    python src/tune.py --n-trials 30 --epochs 5 --train-limit 10000
+    python src/tune.py --n-trials 30 --epochs 5 --train-limit 10000 --study-name quick
     python src/tune.py --storage postgresql://host/db   # many workers, one study
-    python src/tune.py --apply                  # also write the best point into params.yaml
-    python src/tune.py --epochs 50 --train-limit 40000 --add-run NAME   # count a 50-epoch run
+    python src/tune.py --apply                  # also write the confirmed winner into params.yaml
+    python src/tune.py --add-run NAME           # count a finished 50-epoch run as a confirmation
 
 Needs the preprocessed data (`dvc repro preprocess`). A new study's first trials are the hand
 recipe (`tune.recipe`) and its variants (`tune.variants`). Each trial trains `tune.epochs` epochs
@@ -42,7 +42,7 @@ import tracking
 from cifar import Split, load_split
 from objective import Objective
 from params import Params, Tune, load_params, parse_tune, read_yaml, update_yaml
-from search_space import as_nested, exp_run_command
+from search_space import as_nested, exp_run_command, fixed_params
 from shared_study import (FINISHED, exists, make_study, parent_run_id, run_study, shown,
                           storage_url, study_lock)
 
@@ -140,9 +140,8 @@ def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Stud
     if not run.args.report_only:
         run_study(study, Objective(run.raw, tune, run.train, run.val, deadline), tune,
                   deadline=deadline)
-    # the workers of a study finish together (after the shared confirmation): one at a time
-    # writes the parent run's report, or MLflow's SQLite store refuses a second insert of the
-    # same tag
+    # the workers of a study finish their trials together: one at a time writes the parent
+    # run's report, or MLflow's SQLite store refuses a second insert of the same tag
     with study_lock(tune):
         leader = study_report.report(study, tune, run.end, confirmed_in=companion and
                                      companion.study_name)
@@ -220,10 +219,12 @@ def tune(args: argparse.Namespace) -> dict:
     experiment = f"{run.params.mlflow.experiment}-tune"
     tracking.configure(experiment, TUNE_DESCRIPTION, TUNE_COLUMNS)
     known, known_full = added_runs(run)  # before the studies: a new study starts with them
-    study = make_study(run.tune, known, train_images=len(run.train))
+    fixed = fixed_params(run.raw, run.tune)  # what the trials train with besides their points
+    study = make_study(run.tune, known, train_images=len(run.train), fixed=fixed)
     companion = None
     if not run.full_length and (run.tune.confirm or known_full):
-        companion = make_study(run.confirming, known_full, train_images=len(run.full))
+        companion = make_study(run.confirming, known_full, train_images=len(run.full),
+                               fixed=fixed)
     with tracking.run(run_id=parent_run_id(study, run.tune, experiment, len(run.train))):
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags(invocation_tags(run.tune, len(run.train)))

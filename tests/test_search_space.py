@@ -173,19 +173,32 @@ def test_an_added_run_competes_at_the_rungs_with_its_own_curve(tmp_path):
 
 
 def test_a_study_refuses_an_invocation_that_changes_what_its_trials_mean(tmp_path):
+    from search_space import fixed_params
+
     raw = with_overrides(RAW, {"tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
     tune = parse_tune(raw)
-    make_study(tune, train_images=400)
-    make_study(parse_tune(raw, {"n_trials": 3}), train_images=400)  # a budget is not identity
+    make_study(tune, train_images=400, fixed=fixed_params(raw, tune))
+    # a budget is not identity, nor how a trial runs
+    make_study(parse_tune(raw, {"n_trials": 3}), train_images=400, fixed=fixed_params(
+        with_overrides(raw, {"train.mixed_precision": "off"}), tune))
     changes = [({"tune.max_gap": 0.05}, {}, "tune.max_gap 0.08, this invocation has 0.05"),
                ({"tune.lr_reference_batch": 32}, {}, "tune.lr_reference_batch 128, this "
                                                      "invocation has 32"),
                ({}, {"epochs": 3}, f"tune.epochs {tune.epochs}, this invocation has 3"),
-               ({}, {"train_limit": 100}, "training images 400, this invocation has 100")]
+               ({}, {"train_limit": 100}, "training images 400, this invocation has 100"),
+               ({"tune.space": {**RAW["tune"]["space"], "model.dropout": {"low": 0.1,
+                                                                          "high": 0.5}}}, {},
+                'tune.space model.dropout {"low": 0.0, "high": 0.5}, this invocation has '
+                '{"low": 0.1, "high": 0.5}'),
+               ({"seed": 1}, {}, "seed 42, this invocation has 1"),
+               ({"data.md5": "0" * 32}, {}, f'data.md5 "{RAW["data"]["md5"]}", this invocation '
+                                           f'has "{"0" * 32}"'),
+               ({"model.l2": 0.001}, {}, "model.l2 0.0, this invocation has 0.001")]
     for keys, flags, message in changes:
         with pytest.raises(UserError) as refused:
-            make_study(parse_tune(with_overrides(raw, keys), flags),
-                       train_images=flags.get("train_limit", 400))
+            changed = with_overrides(raw, keys)
+            make_study(parse_tune(changed, flags), train_images=flags.get("train_limit", 400),
+                       fixed=fixed_params(changed, tune))
         assert str(refused.value) == (f"study 'regularization' was made with {message}: use the "
                                       "study's value, or --study-name for a new study")
 
