@@ -239,6 +239,21 @@ def adopt_orphans(study: optuna.Study, tune: Tune) -> list[int]:
     return [t.number for t in orphans]
 
 
+def _failed_as_stale(study: optuna.Study, mine: list[optuna.Trial]) -> bool:
+    """Whether this worker's last trial was failed by another worker while it trained (this
+    worker was paused, or silent, longer than the grace period): its retry is queued already,
+    and Optuna refuses the result. Say so and go on."""
+    if not mine:
+        return False
+    trial = study._storage.get_trial(mine[0]._trial_id)
+    if trial.state != TrialState.FAIL:
+        return False
+    print(f"tune: trial {trial.number} was failed while it trained: this worker was silent "
+          "longer than tune.grace_period, so another took it for dead and queued its retry; "
+          "its result is dropped, going on")
+    return True
+
+
 def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
               tune: Tune, budget: Callable[[optuna.Study], int] | None = None,
               deadline: float | None = None) -> None:
@@ -258,9 +273,16 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
         deadline = time.monotonic() + tune.timeout
     lock = study_lock(tune)
 
+    mine: list[optuna.Trial] = []
+
     def started(trial: optuna.Trial):  # the trial is RUNNING in the storage: others count it
         lock.release()
-        return objective(trial)
+        mine[:] = [trial]
+        result = objective(trial)
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            # failed as stale meanwhile: an error, or Optuna trips on its own assertion
+            raise optuna.exceptions.UpdateFinishedTrialError("failed meanwhile")
+        return result
 
     failures = 0
     while True:
@@ -276,9 +298,15 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], object],
             # not WAITING: a retry or enqueued point needs a worker
             taken = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
             if len(taken) < n_trials:
-                study.optimize(started, n_trials=1, catch=(Exception,),
-                               callbacks=[lambda _, trial, done=finished:
-                                          done.append(trial.state)])
+                mine.clear()
+                try:
+                    study.optimize(started, n_trials=1, catch=(Exception,),
+                                   callbacks=[lambda _, trial, done=finished:
+                                              done.append(trial.state)])
+                except ValueError:  # Optuna's "Cannot tell a FAIL trial"
+                    if not _failed_as_stale(study, mine):
+                        raise
+                    continue
         if not finished and len(taken) >= n_trials:
             # The rest of the budget is RUNNING elsewhere. One of those workers may have died:
             # its trial stays RUNNING until its heartbeat is older than the grace period, then

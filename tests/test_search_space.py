@@ -291,6 +291,29 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     assert retry.params == {"model.dropout": orphan.params["model.dropout"]}
 
 
+def test_a_worker_whose_trial_was_failed_as_stale_while_it_trained_goes_on(tmp_path, capsys):
+    """A worker paused longer than the grace period (suspended, swapping) finds its trial
+    failed by another worker, which queued its retry: Optuna refuses its result; the worker
+    says so and takes its next trial instead of dying with a traceback."""
+    tune = parse_tune(with_overrides(RAW, {
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}", "tune.n_trials": 1}))
+    study = make_study(tune)
+    calls = []
+
+    def objective(trial):
+        calls.append(trial.number)
+        trial.suggest_float("model.dropout", 0.0, 0.5)
+        if len(calls) == 1:  # what another worker's fail_stale_trials does meanwhile
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        return 0.5
+
+    run_study(study, objective, tune, deadline=time.monotonic() + 60)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert "tune: trial 0 was failed while it trained: this worker was silent longer than " \
+        "tune.grace_period" in capsys.readouterr().out
+
+
 def test_a_pruned_trial_s_run_ends_finished_with_its_state_as_a_tag(tmp_path):
     """Pruning is a verdict, not a fault: the run shows as finished in the MLflow UI (as
     Optuna's MLflow callback ends it), tagged PRUNED, without final scores."""
