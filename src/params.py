@@ -148,6 +148,7 @@ class Tune(_Section):
     epochs: PositiveInt
     train_limit: PositiveInt | None
     multi_objective: bool
+    front_end: Literal["accuracy", "gap"]  # the Pareto front's end confirmed (or the winner)
     sampler: Literal["tpe", "random"]
     pruner: Literal["hyperband", "median", "none"]
     min_epochs: PositiveInt

@@ -96,11 +96,12 @@ def invocation(args: argparse.Namespace) -> Invocation:
         "n_trials": args.n_trials, "timeout": args.timeout, "epochs": args.epochs,
         "train_limit": args.train_limit, "study_name": args.study_name,
         "storage": args.storage, "pruner": args.pruner, "confirm": args.confirm,
-        "multi_objective": args.multi_objective or None,
+        "multi_objective": args.multi_objective or None, "front_end": args.front_end,
     }.items() if value is not None}
     settings = parse_tune(raw, flags)
-    if args.front_end and not settings.multi_objective:
-        raise cli.UserError(f"--front-end {args.front_end}: a single-objective study has one "
+    if (args.front_end or settings.front_end != "accuracy") and not settings.multi_objective:
+        where = "--front-end" if args.front_end else "tune.front_end"
+        raise cli.UserError(f"{where} {settings.front_end}: a single-objective study has one "
                             "best trial; the option picks an end of a multi-objective study's "
                             "Pareto front")
     processed = Path(params.paths.processed)
@@ -112,7 +113,7 @@ def invocation(args: argparse.Namespace) -> Invocation:
         train = Split(full.images[:settings.train_limit], full.labels[:settings.train_limit])
     return Invocation(args, params, raw, settings,
                       confirmation.companion(settings, params.train.epochs),
-                      args.front_end or "accuracy", full, train, load_split(processed, "val"))
+                      settings.front_end, full, train, load_split(processed, "val"))
 
 
 def added_runs(run: Invocation) -> tuple[list, list]:
@@ -312,7 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--front-end", choices=study_report.ENDS,
                         help="multi-objective: the end of the Pareto front whose trials are "
                         "confirmed (or, with nothing to confirm, the winner is taken from; "
-                        "default: accuracy, the highest val accuracy)")
+                        "default: tune.front_end)")
     return parser.parse_args(argv)
 
 

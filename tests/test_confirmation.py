@@ -243,6 +243,10 @@ def test_front_end_needs_a_multi_objective_study(short):
     refused = tune(short, "--n-trials", "1", "--front-end", "gap", check=False)
     assert refused.returncode != 0
     assert "--front-end gap: a single-objective study has one best trial" in refused.stderr
+    update_yaml(short / "params.yaml", {"tune.front_end": "gap"})  # the same, set in params
+    refused = tune(short, "--n-trials", "1", check=False)
+    assert refused.returncode != 0
+    assert "tune.front_end gap: a single-objective study has one best trial" in refused.stderr
 
 
 def test_the_confirmed_winner_has_the_best_val_accuracy_whichever_end_was_confirmed(tmp_path,
