@@ -273,6 +273,7 @@ def test_the_confirmed_winner_has_the_best_val_accuracy_whichever_end_was_confir
             user_attrs={"honest_gap": gap, "confirms": number},
             constraints={"honest_gap": gap - 0.08}))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("confirm")
     with mlflow.start_run():
         winner = confirmation.report(companion, confirming)
     assert winner.values == [0.8633, 0.0728]

@@ -89,7 +89,8 @@ def test_promote_moves_the_champion_by_validation_accuracy_and_back(registered):
     assert ("would stay at version 1" if best == 1 else f"to version {best}") in dry
     out = sh(sys.executable, "src/promote.py", cwd=project).stdout
     assert champion(project) == best
-    assert f"to version {best} (val_accuracy {found[best].tags['val_accuracy']}" in out
+    moved = "stays at version 1" if best == 1 else f"to version {best}"  # tiny models: either
+    assert f"{moved} (val_accuracy {found[best].tags['val_accuracy']}" in out
     assert "(best validation accuracy)" in out  # tune.max_gap is null here
     back = sh(sys.executable, "src/promote.py", "--version", "1", cwd=project).stdout
     assert champion(project) == 1 and "to version 1" in back
