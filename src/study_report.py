@@ -210,14 +210,14 @@ def report(study: optuna.Study, tune: Tune, end: str | None = "accuracy", label:
     prefix = "" if label == "study" else f"{label}_"
     mlflow.log_metrics({f"{prefix}trials_{name}": n for name, n in counts.items()})
     leader = best(study, end or "accuracy")
+    # a study whose best trials are confirmed has no winner of its own: its best short trial
+    # is labelled as what it is
+    title = "best short trial" if confirmed_in else title
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
         if complete:
-            # a study whose best trials are confirmed has no winner of its own: its best
-            # short trial is labelled as what it is
-            _plots(study, complete, folder, tune, leader,
-                   "best short trial" if confirmed_in else title)
+            _plots(study, complete, folder, tune, leader, title)
         mlflow.log_artifacts(tmp, artifact_path=label)
     # starting points, retries of a dead worker's trials, points cut by --timeout or Ctrl-C,
     # confirmations: a rerun trains them, within its budget

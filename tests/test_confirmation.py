@@ -61,6 +61,7 @@ def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_w
     for trial in companion.trials:  # train.epochs, not the proxy's 1
         assert sorted(trial.intermediate_values) == [1, 2]
     assert f"confirming trials {first.number}, {second.number} at 2 epochs on all images" in out
+    assert f"tune: best short trial {first.number}: val accuracy" in out  # not the winner
     # the winner: the best validation accuracy at full length, whatever the short ranking said
     confirmed = max(companion.trials, key=lambda t: t.value)
 
