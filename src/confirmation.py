@@ -106,12 +106,17 @@ def summary(study: optuna.Study, confirming: optuna.Study, tune: Tune) -> list[s
     return lines
 
 
-def report(confirming: optuna.Study, tune: Tune) -> FrozenTrial | None:
-    """The companion study's report (study_report.report) and its winner: the confirmed trial
-    with the best validation accuracy within `tune.max_gap`, whichever end of a
-    multi-objective study's front its trials were confirmed from."""
-    return study_report.report(confirming, tune, None, label="confirm",
-                               title="winner: confirmed trial")
+def winner(study: optuna.Study, confirming: optuna.Study, tune: Tune, confirming_tune: Tune,
+           end: str) -> FrozenTrial | None:
+    """The companion study's report (study_report.report) and the study's winner: the
+    confirmed trial with the best validation accuracy within `tune.max_gap`, whichever end of a
+    multi-objective study's front its trials were confirmed from; None while confirmation is
+    not done (`pending`: a later confirmation may beat it)."""
+    done = not pending(study, confirming, tune, end)
+    best = study_report.report(confirming, confirming_tune, None, label="confirm",
+                               title="winner: confirmed trial" if done
+                               else "best confirmed trial so far")
+    return best if done else None
 
 
 def confirmed_number(winner: FrozenTrial) -> str:

@@ -155,7 +155,7 @@ def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Stud
         for line in confirmation.summary(study, companion, tune):
             print(f"tune: {line.strip()}")
         with study_lock(tune):
-            winner = confirmation.report(companion, run.confirming)
+            winner = confirmation.winner(study, companion, tune, run.confirming, run.end)
         holder, measured = companion, f"confirmed at the pipeline's length, {run.pipeline}"
     why = None if winner is not None else no_winner(run, study, companion)
     with study_lock(tune):

@@ -254,7 +254,7 @@ def test_the_confirmed_winner_has_the_best_val_accuracy_whichever_end_was_confir
                                                                                       capsys):
     """A multi-objective study confirms its front's gap end (`--front-end gap`); among the
     confirmations the winner is still the best validation accuracy within tune.max_gap, not the
-    smallest gap."""
+    smallest gap, and there is none until every confirmation is done."""
     import confirmation
     from conftest import ROOT
     from params import parse_tune, with_overrides
@@ -262,21 +262,38 @@ def test_the_confirmed_winner_has_the_best_val_accuracy_whichever_end_was_confir
 
     raw = with_overrides(read_yaml(ROOT / "params.yaml"), {
         **NO_STARTING_POINTS, "tune.space": SMALL_SPACE, "tune.multi_objective": True,
-        "tune.max_gap": 0.08, "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
-    confirming = confirmation.companion(parse_tune(raw), pipeline_epochs=50)
-    companion = make_study(confirming)
-    for number, (accuracy, gap) in enumerate(((0.8403, 0.0482), (0.8633, 0.0728),
-                                              (0.8700, 0.1200))):  # the last over max_gap
-        companion.add_trial(optuna.trial.create_trial(
-            values=[accuracy, gap], params={"model.dropout": 0.1 * number,
-                                            "train.learning_rate": 0.01},
-            distributions=distributions(confirming.space),
-            user_attrs={"honest_gap": gap, "confirms": number},
-            constraints={"honest_gap": gap - 0.08}))
+        "tune.max_gap": 0.08, "tune.n_trials": 3, "tune.confirm": 3,
+        "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    tune_settings = parse_tune(raw)
+    confirming = confirmation.companion(tune_settings, pipeline_epochs=50)
+    study, companion = make_study(tune_settings), make_study(confirming)
+    space = distributions(tune_settings.space)
+    # (short, confirmed) accuracy and gap of three points, all on the short front, within the
+    # gap limit; the last is over it once confirmed
+    figures = [((0.44, 0.02), (0.8403, 0.0482)), ((0.46, 0.04), (0.8633, 0.0728)),
+               ((0.52, 0.07), (0.8700, 0.1200))]
+    for number, (short, confirmed) in enumerate(figures):
+        point = {"model.dropout": 0.1 * number, "train.learning_rate": 0.01}
+        study.add_trial(optuna.trial.create_trial(
+            values=list(short), params=point, distributions=space,
+            user_attrs={"honest_gap": short[1]}, constraints={"honest_gap": short[1] - 0.08}))
+        if number < 2:
+            companion.add_trial(optuna.trial.create_trial(
+                values=list(confirmed), params=point, distributions=space,
+                user_attrs={"honest_gap": confirmed[1], "confirms": number},
+                constraints={"honest_gap": confirmed[1] - 0.08}))
+    assert confirmation.queue(study, companion, tune_settings, "gap") == [2]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("confirm")
     with mlflow.start_run():
-        winner = confirmation.report(companion, confirming)
+        assert confirmation.winner(study, companion, tune_settings, confirming, "gap") is None
+        assert "tune: best confirmed trial so far 1: val accuracy " \
+            "0.8633" in capsys.readouterr().out
+        last = companion.ask()  # the third confirmation, queued above
+        last.set_user_attr("honest_gap", 0.12)
+        last.set_constraint("honest_gap", 0.12 - 0.08)
+        companion.tell(last, [0.87, 0.12])
+        winner = confirmation.winner(study, companion, tune_settings, confirming, "gap")
     assert winner.values == [0.8633, 0.0728]
     out = capsys.readouterr().out
     assert "tune: winner: confirmed trial 1: val accuracy 0.8633, honest gap 0.0728" in out
