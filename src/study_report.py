@@ -221,8 +221,10 @@ def report(study: optuna.Study, tune: Tune, end: str | None = "accuracy", label:
         mlflow.log_artifacts(tmp, artifact_path=label)
     # starting points, retries of a dead worker's trials, points cut by --timeout or Ctrl-C,
     # confirmations: a rerun trains them, within its budget
-    queued = ("; waiting: queued points that a rerun trains (a larger --n-trials once the "
-              "budget is spent)") if counts.get("waiting") else ""
+    queued = ("" if not counts.get("waiting")
+              else "; waiting: queued confirmations that a rerun trains" if label == "confirm"
+              else "; waiting: queued points that a rerun trains (a larger --n-trials once the "
+                   "budget is spent)")
     print(f"tune: study {study.study_name!r}: {_summary(counts)}{queued}")
     _study_note(study, tune, leader, confirmed_in, end)
     if leader is None:

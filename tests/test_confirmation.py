@@ -287,8 +287,9 @@ def test_the_confirmed_winner_has_the_best_val_accuracy_whichever_end_was_confir
     mlflow.set_experiment("confirm")
     with mlflow.start_run():
         assert confirmation.winner(study, companion, tune_settings, confirming, "gap") is None
-        assert "tune: best confirmed trial so far 1: val accuracy " \
-            "0.8633" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "tune: best confirmed trial so far 1: val accuracy 0.8633" in out
+        assert "1 waiting; waiting: queued confirmations that a rerun trains\n" in out
         last = companion.ask()  # the third confirmation, queued above
         last.set_user_attr("honest_gap", 0.12)
         last.set_constraint("honest_gap", 0.12 - 0.08)
