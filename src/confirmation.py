@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import study_report
 from params import CONFIRM_SUFFIX, Tune
+from shared_study import FINISHED
 
 SUFFIX = CONFIRM_SUFFIX
 CONFIRMS = "confirms"  # a confirming trial's user attr: the number of the trial it confirms
@@ -71,8 +72,7 @@ def queue(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str) -
 def pending(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str) -> bool:
     """Whether confirmation is not done: the study has not finished its `tune.n_trials`
     trials, a confirmation is queued or running, or one of its best trials is not confirmed."""
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    return (len(finished) < tune.n_trials
+    return (len(study.get_trials(deepcopy=False, states=FINISHED)) < tune.n_trials
             or bool(confirming.get_trials(deepcopy=False,
                                           states=(TrialState.RUNNING, TrialState.WAITING)))
             or bool(_unheld(study, confirming, tune, end)))

@@ -47,10 +47,12 @@ def storage_url(tune: Tune) -> str:
 
 def exists(tune: Tune) -> bool:
     """Whether the storage holds the study (a missing SQLite file is not created)."""
-    url = sqlalchemy.engine.make_url(storage_url(tune))
-    if url.drivername.startswith("sqlite") and not (url.database and Path(url.database).is_file()):
+    url = storage_url(tune)
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.drivername.startswith("sqlite") and not (
+            parsed.database and Path(parsed.database).is_file()):
         return False
-    return tune.study_name in optuna.get_all_study_names(storage_url(tune))
+    return tune.study_name in optuna.get_all_study_names(url)
 
 
 def shown(url: str) -> str:
