@@ -139,7 +139,8 @@ def report_spearman(table: pd.DataFrame, pairs: dict[str, tuple]) -> None:
         known = rows.dropna(subset=[column for pair in pairs.values() for column in pair[:2]])
         if len(known) < 3:
             continue
-        figures = ", ".join(f"{name} {_spearman(known, *pair):.3f}" for name, pair in pairs.items())
+        figures = ", ".join(f"{name} {_spearman(known, *pair):.3f}"
+                            for name, pair in pairs.items())
         print(f"Spearman rank correlation over {len(known)} configurations ({label}): {figures}")
 
 

@@ -20,8 +20,14 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML, YAMLError
 
 import atomic
@@ -137,7 +143,8 @@ class Choice(_Section):
     choices: Annotated[list[Value], Field(min_length=1)]
 
 
-CONFIRM_SUFFIX = "-confirm"  # a study's companion, which confirms its best trials (confirmation.py)
+# a study's companion, which confirms its best trials (confirmation.py)
+CONFIRM_SUFFIX = "-confirm"
 
 
 class Tune(_Section):

@@ -43,8 +43,16 @@ from cifar import Split, load_split
 from objective import Objective
 from params import Params, Tune, load_params, parse_tune, read_yaml, update_yaml
 from search_space import as_nested, exp_run_command, fixed_params
-from shared_study import (FINISHED, exists, make_study, parent_run_id, run_study, shown,
-                          storage_url, study_lock)
+from shared_study import (
+    FINISHED,
+    exists,
+    make_study,
+    parent_run_id,
+    run_study,
+    shown,
+    storage_url,
+    study_lock,
+)
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
                     "artifacts, the best trial's point as best.* tags and its scores as "
