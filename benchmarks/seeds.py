@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 FIGURES = ("test_accuracy", "honest_gap", "val_accuracy")
+# dvc, and the `python` of the stages it runs, from this interpreter's environment
+ENV = os.environ | {"PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                             os.environ.get("PATH", "")])}
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
@@ -50,7 +54,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def finished(name: str) -> dict | None:
     """The metrics of a finished DVC experiment called `name`, if there is one."""
-    shown = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], check=True,
+    shown = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], check=True, env=ENV,
                            capture_output=True, text=True).stdout
     for baseline in json.loads(shown or "[]"):
         for experiment in baseline.get("experiments") or []:
@@ -74,7 +78,7 @@ def run_seed(name: str, seed: int, sets: list[str]) -> dict:
     for item in sets:
         command += ["-S", item]
     print(f"seeds: {' '.join(command)}", flush=True)
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=ENV)
     return json.loads(Path("reports/metrics.json").read_text())
 
 

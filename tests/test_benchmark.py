@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,8 +160,11 @@ def test_seeds_runs_each_seed_as_an_experiment_and_reports_mean_and_sd(project):
 
     script = str(ROOT / "benchmarks" / "seeds.py")
     out = project / "seeds.json"
+    # run as `.venv/bin/python benchmarks/seeds.py` without activating: dvc and the stages'
+    # python come from the interpreter's environment, not from PATH
     first = sh(sys.executable, script, "--seeds", "3", "4", "--name", "flip",
-               "-S", "augment.flip=true", "--json", str(out), cwd=project).stdout
+               "-S", "augment.flip=true", "--json", str(out), cwd=project,
+               PATH=os.defpath).stdout
     assert "dvc exp run -n flip-seed3 -S seed=3 -S augment.flip=true" in first
     results = json.loads(out.read_text())
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project).stdout)
