@@ -17,7 +17,8 @@ study of today's `tune.space` can sample it, and the Spearman rank correlations 
 validation accuracy with 50-epoch test accuracy, of the two gaps, and of the preset's gap
 (smallest first) with 50-epoch test accuracy (what a multi-objective study's `--front-end gap`
 confirms from), over all configurations and over those inside the space (the ranking a study's
-trials depend on). It asserts nothing.
+trials depend on), and how much the honest gap grows from the preset to 50 epochs (the median
+ratio: what `tune.gap_growth` holds). It asserts nothing.
 
 `--stopped-at K` trains nothing: it ranks the configurations by their own 50-epoch run's
 validation accuracy at epoch K (`val_curve` in CONFIGS.yaml), what a study of full-length trials
@@ -123,6 +124,7 @@ def main() -> None:
                             # the ranking a multi-objective study's gap end confirms from
                             "accuracy by the smallest preset gap":
                                 ("preset_honest_gap", "test_accuracy_50", -1)})
+    report_gap_growth(table, tune)
     if table["cpu_minutes"].notna().any():
         print(f"cost per trial: {table['cpu_minutes'].mean():.1f} CPU minutes, "
               f"{table['wall_minutes'].mean():.1f} wall minutes (mean over the trials timed)")
@@ -142,6 +144,31 @@ def report_spearman(table: pd.DataFrame, pairs: dict[str, tuple]) -> None:
         figures = ", ".join(f"{name} {_spearman(known, *pair):.3f}"
                             for name, pair in pairs.items())
         print(f"Spearman rank correlation over {len(known)} configurations ({label}): {figures}")
+
+
+def report_gap_growth(table: pd.DataFrame, tune) -> None:
+    """How much the honest gap grows from the preset to the 50-epoch run, the median ratio over
+    every configuration and over those a study can sample: what `tune.gap_growth` is for (a
+    study holds its short trials to `tune.max_gap` over it)."""
+    for label, rows in (("all", table), ("in tune.space", table[table["in_space"]])):
+        known = rows.dropna(subset=["preset_honest_gap", "honest_gap_50"])
+        known = known[known["preset_honest_gap"] > 0]
+        if known.empty:
+            continue
+        ratios = known["honest_gap_50"] / known["preset_honest_gap"]
+        print(f"honest gap growth from the preset to 50 epochs over {len(known)} configurations "
+              f"({label}): median {ratios.median():.2f} (from {ratios.min():.2f} to "
+              f"{ratios.max():.2f})")
+    print(f"tune.gap_growth {tune.gap_growth}: a study's short trials are held to "
+          f"{tune.gap_limit}")
+    if tune.trial_max_gap is None:
+        return
+    inside = table[table["in_space"]].dropna(subset=["preset_honest_gap"])
+    within = inside[inside["preset_honest_gap"] <= tune.trial_max_gap]
+    order = within.sort_values("preset_val_accuracy", ascending=False).index
+    print(f"in tune.space within that limit, by preset val accuracy (the order a study confirms "
+          f"them in): {', '.join(order) or 'none'}; over it: "
+          f"{', '.join(inside.index.difference(within.index)) or 'none'}")
 
 
 def _spearman(table: pd.DataFrame, proxy: str, truth: str, sign: int = 1) -> float:

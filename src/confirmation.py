@@ -29,11 +29,11 @@ CONFIRMS = "confirms"  # a confirming trial's user attr: the number of the trial
 
 
 def companion(tune: Tune, pipeline_epochs: int) -> Tune:
-    """The settings of the companion study: the pipeline's length, no pruning, no starting
-    points (it trains only the points it is given)."""
+    """The settings of the companion study: the pipeline's length, held to `tune.max_gap`
+    itself, no pruning, no starting points (it trains only the points it is given)."""
     return tune.model_copy(update={
         "study_name": tune.study_name + SUFFIX, "epochs": pipeline_epochs, "train_limit": None,
-        "pruner": "none", "recipe": None, "variants": []})
+        "gap_growth": 1.0, "pruner": "none", "recipe": None, "variants": []})
 
 
 def is_full_length(tune: Tune, trial_images: int, pipeline_images: int,

@@ -12,9 +12,9 @@ images, epochs and every param outside the space; only how it ran, the backend a
 settings, may differ) and its space values lie inside the space. The trial's value is the run's
 last validation accuracy, each epoch's is an intermediate value (what pruners compare), and the
 run's honest gap (evaluate's, on all the training images it trained on, as a sampled trial's) is
-its `tune.max_gap` constraint. The run must have been trained by the same training code as the
-study's trials (its `code.training` tag, see tracking.TRAINING_CODE); `--allow-other-code` adds
-one trained by other code anyway. Added
+its gap constraint (`Tune.trial_max_gap`). The run must have been trained by the same training
+code as the study's trials (its `code.training` tag, see tracking.TRAINING_CODE);
+`--allow-other-code` adds one trained by other code anyway. Added
 to a new study before the recipe and its variants are enqueued, a run that is one of them takes
 its place: the study does not train it again.
 """
@@ -134,9 +134,9 @@ def as_trial(run: mlflow.entities.Run, raw: dict, tune: Tune, train_images: int,
              tracking.CODE_TAG: run.data.tags.get(tracking.CODE_TAG, "not recorded"),
              "val_accuracy_final": val_accuracy, "honest_gap": gap, "epochs_trained": epochs}
     constraints = None  # in Optuna's and optuna-dashboard's forms (study_report.py)
-    if tune.max_gap is not None:
-        constraints = {"honest_gap": gap - tune.max_gap}
-        attrs["gap_over_max"] = gap - tune.max_gap
+    if tune.trial_max_gap is not None:
+        constraints = {"honest_gap": gap - tune.trial_max_gap}
+        attrs["gap_over_max"] = gap - tune.trial_max_gap
     return optuna.trial.create_trial(
         state=TrialState.COMPLETE,
         **({"values": [val_accuracy, gap]} if tune.multi_objective else {"value": val_accuracy}),

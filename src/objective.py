@@ -3,7 +3,8 @@
 `Objective` is what `tune.py` hands to Optuna for a study and for its companion study of
 confirmations (confirmation.py). A trial trains `tune.epochs` epochs on the images it is given,
 reports each epoch's validation accuracy to the pruner (`Pruning`), and returns its validation
-accuracy (and honest gap, multi-objective); the gap is also the `tune.max_gap` constraint. A
+accuracy (and honest gap, multi-objective); the gap is also the study's constraint
+(`Tune.trial_max_gap`: `tune.max_gap`, over `tune.gap_growth` for short trials). A
 trial cut by the invocation's `--timeout` (`Deadline`) is failed and its point queued again with
 what it stands for (a starting point, a confirmation).
 """
@@ -141,10 +142,11 @@ class Objective:
                 keras.backend.clear_session()
             scores = tracking.rounded({"val_accuracy_final": val_accuracy, "honest_gap": gap,
                                        "epochs_trained": len(result.history)})
-            if self.tune.max_gap is not None:  # feasible when <= 0; Optuna's best is feasible
-                study_report.record_constraint(trial, gap, self.tune.max_gap)
-                scores["gap_over_max"] = round(gap - self.tune.max_gap, tracking.DIGITS)
-            feasible = self.tune.max_gap is None or gap <= self.tune.max_gap
+            limit = self.tune.trial_max_gap
+            if limit is not None:  # feasible when <= 0; Optuna's best is feasible
+                study_report.record_constraint(trial, gap, limit, self.tune.gap_limit)
+                scores["gap_over_max"] = round(gap - limit, tracking.DIGITS)
+            feasible = limit is None or gap <= limit
             mlflow.set_tag("optuna.feasible", str(feasible).lower())
             mlflow.log_metrics(scores)
             mlflow.set_tag("optuna.state", "COMPLETE")

@@ -163,12 +163,28 @@ class Tune(_Section):
     grace_period: PositiveInt
     max_retry: Annotated[int, Field(ge=0)]
     max_gap: Annotated[float, Field(gt=0.0, le=1.0)] | None
+    # how much an honest gap grows from a short trial to the pipeline's length: a short trial is
+    # held to max_gap / gap_growth (a trial of the pipeline's length, a confirmation, to max_gap)
+    gap_growth: Annotated[float, Field(gt=0.0)]
     confirm: Annotated[int, Field(ge=0)]  # best trials trained again at the pipeline's length
     lr_reference_batch: PositiveInt | None
     space: dict[str, Range | Choice]
     recipe: dict[str, Value] | None  # the first trial of a new study (None: none enqueued)
     # the next trials of a new study: the recipe, each with these changes
     variants: list[Annotated[dict[str, Value], Field(min_length=1)]]
+
+    @property
+    def trial_max_gap(self) -> float | None:
+        """The honest-gap limit this study's trials are held to (None: no limit)."""
+        return None if self.max_gap is None else round(self.max_gap / self.gap_growth, 4)
+
+    @property
+    def gap_limit(self) -> str:
+        """That limit as reports say it: where it comes from."""
+        if self.gap_growth == 1.0 or self.max_gap is None:
+            return f"tune.max_gap {self.max_gap}"
+        return (f"{self.trial_max_gap} (tune.max_gap {self.max_gap} / tune.gap_growth "
+                f"{self.gap_growth})")
 
     @field_validator("study_name")
     @classmethod

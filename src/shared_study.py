@@ -104,7 +104,8 @@ def identity(tune: Tune, train_images: int | None, fixed: dict[str, Any] | None 
     cannot be compared with these, so a study keeps the ones it was made with. `fixed`: what
     its trials train with besides their points (search_space.fixed_params)."""
     return json.loads(json.dumps({
-        "tune.max_gap": tune.max_gap, "tune.lr_reference_batch": tune.lr_reference_batch,
+        "tune.max_gap": tune.max_gap, "tune.gap_growth": tune.gap_growth,
+        "tune.lr_reference_batch": tune.lr_reference_batch,
         "tune.epochs": tune.epochs, "tune.train_limit": train_images,
         "tune.objectives": metric_names(tune), "tune.space": space(tune), **(fixed or {})}))
 
@@ -204,7 +205,8 @@ def study_settings(tune: Tune, train_images: int) -> dict[str, str]:
     number of training images each trial uses (fewer than configured when fewer exist)."""
     return {"tune.sampler": tune.sampler, "tune.pruner": tune.pruner,
             "tune.epochs": str(tune.epochs), "tune.train_limit": str(train_images),
-            "tune.max_gap": json.dumps(tune.max_gap), "tune.min_epochs": str(tune.min_epochs),
+            "tune.max_gap": json.dumps(tune.max_gap), "tune.gap_growth": str(tune.gap_growth),
+            "tune.min_epochs": str(tune.min_epochs),
             "tune.objectives": ",".join(metric_names(tune)),
             "tune.space": json.dumps(space(tune))}
 

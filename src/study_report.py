@@ -4,7 +4,8 @@ A table of all trials (CSV), the optimization history, the parameter importances
 accuracy against the honest gap (PNGs); the best trial's MLflow run is tagged `optuna.best=true`.
 The parent run gets the best trial's number and params as tags (`optuna.best_trial`,
 `best.<key>`) and its scores as metrics (`best_val_accuracy`, `best_honest_gap`). `report`
-returns the best trial: the highest validation accuracy within `tune.max_gap` (on the Pareto
+returns the best trial: the highest validation accuracy within its gap limit (`tune.max_gap`,
+over `tune.gap_growth` for short trials; on the Pareto
 front when the study is multi-objective, from the end asked for).
 """
 
@@ -91,10 +92,10 @@ def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
         axes.scatter(best.user_attrs.get("honest_gap"), _accuracy(best), s=160,
                      facecolors="none", edgecolors="tab:green", linewidths=2,
                      label=f"{title} {best.number}")
-    if tune.max_gap is not None:
-        axes.axvline(tune.max_gap, color="tab:gray", linestyle="--",
-                     label=f"tune.max_gap {tune.max_gap} (feasible: left of it)")
-    if best is not None or tune.max_gap is not None:
+    if tune.trial_max_gap is not None:
+        axes.axvline(tune.trial_max_gap, color="tab:gray", linestyle="--",
+                     label=f"gap limit {tune.gap_limit} (feasible: left of it)")
+    if best is not None or tune.trial_max_gap is not None:
         axes.legend(loc="best", fontsize=8)
     axes.set(xlabel="honest gap (train acc. in inference mode - val acc.)",
              ylabel="validation accuracy", title="Trials: accuracy against gap")
@@ -129,20 +130,22 @@ def ranked(study: optuna.Study, end: str = "accuracy") -> list[optuna.trial.Froz
 DASHBOARD_CONSTRAINTS = "constraints"
 
 
-def record_constraint(trial: optuna.Trial, gap: float, max_gap: float) -> float:
-    """The trial's `tune.max_gap` constraint (feasible when <= 0), where Optuna and
-    optuna-dashboard both read it; a note on the trial says whether it is feasible."""
+def record_constraint(trial: optuna.Trial, gap: float, max_gap: float,
+                      limit: str | None = None) -> float:
+    """The trial's gap constraint, `max_gap` (feasible when <= 0), where Optuna and
+    optuna-dashboard both read it; a note on the trial says whether it is feasible. `limit`:
+    how the note names the limit (`Tune.gap_limit`; default `tune.max_gap {max_gap}`)."""
     value = gap - max_gap
     trial.set_constraint("honest_gap", value)
     trial.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS, [value])
-    save_note(trial, _feasibility(gap, max_gap))
+    save_note(trial, _feasibility(gap, max_gap, limit or f"tune.max_gap {max_gap}"))
     return value
 
 
-def _feasibility(gap: float, max_gap: float) -> str:
+def _feasibility(gap: float, max_gap: float, limit: str) -> str:
     verdict = "**feasible**" if gap <= max_gap else "**infeasible**"
     sign = "<=" if gap <= max_gap else ">"
-    return f"{verdict}: honest gap {gap:.4f} {sign} tune.max_gap {max_gap}"
+    return f"{verdict}: honest gap {gap:.4f} {sign} {limit}"
 
 
 def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial | None,
@@ -153,21 +156,22 @@ def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial 
     if confirmed_in is not None:
         which = (f"the {tune.confirm} with the smallest honest gap on the Pareto front"
                  if len(study.directions) > 1 and end == "gap" else f"the best {tune.confirm}")
-        save_note(study, f"Short trials: {which} within tune.max_gap {tune.max_gap} are "
+        save_note(study, f"Short trials: {which} within the gap limit {tune.gap_limit} are "
                   f"trained again at the pipeline's length in the study **{confirmed_in}**, "
                   "whose best validation accuracy within tune.max_gap is this study's winner.")
         return
     if tune.max_gap is None:
         return
     if best is None:
-        body = (f"**No winner**: no complete trial has an honest gap within tune.max_gap "
-                f"{tune.max_gap}. The \"Best Trial\" shown here ignores that constraint; "
+        body = (f"**No winner**: no complete trial has an honest gap within {tune.gap_limit}. "
+                "The \"Best Trial\" shown here ignores that constraint; "
                 "each trial's note says whether it is feasible.")
     else:
+        gap = best.user_attrs.get("honest_gap", float("nan"))
         body = (f"**Winner: trial {best.number}**, the best validation accuracy "
-                f"({_accuracy(best):.4f}) among trials with an honest gap within tune.max_gap "
-                f"{tune.max_gap} (its gap {best.user_attrs.get('honest_gap', float('nan')):.4f})."
-                " The \"Best Trial\" shown here ignores that constraint.")
+                f"({_accuracy(best):.4f}) among trials with an honest gap within "
+                f"{tune.gap_limit} (its gap {gap:.4f}). The \"Best Trial\" shown here ignores "
+                "that constraint.")
     save_note(study, body)
 
 
@@ -230,7 +234,7 @@ def report(study: optuna.Study, tune: Tune, end: str | None = "accuracy", label:
     if leader is None:
         if complete:
             trials = "confirmed trial" if label == "confirm" else "complete trial"
-            print(f"tune: no {trials} meets tune.max_gap ({tune.max_gap})")
+            print(f"tune: no {trials} meets the gap limit {tune.gap_limit}")
         return None
     if len(study.directions) > 1:
         print("tune: Pareto front (trial: val accuracy, honest gap):")

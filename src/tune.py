@@ -10,10 +10,13 @@ Needs the preprocessed data (`dvc repro preprocess`). A new study's first trials
 recipe (`tune.recipe`) and its variants (`tune.variants`). Each trial trains `tune.epochs` epochs
 (its own full schedule) on the first `tune.train_limit` training images and maximizes validation
 accuracy subject to the honest gap (train accuracy in inference mode on all its training images,
-minus validation accuracy) staying within `tune.max_gap`, an Optuna constraint; the gap
-is the second objective with `--multi-objective`. Rerunning the same command continues the study up
-to `--n-trials` finished (complete or pruned) trials; several processes may run it at once on the
-same storage, also started at the same instant on an empty database (see shared_study.py).
+minus validation accuracy) staying within `tune.max_gap` over `tune.gap_growth` (a short
+trial's gap grows by about that much at the pipeline's length), an Optuna constraint; the gap
+is the second objective with `--multi-objective`. The best trials are then confirmed at the
+pipeline's length (`tune.confirm`), held to `tune.max_gap` itself. Rerunning the same command
+continues the study up to `--n-trials` finished (complete or pruned) trials; several processes may
+run it at once on the same storage, also started at the same instant on an empty database (see
+shared_study.py).
 Progress: Keras' bars on a terminal, otherwise one line per epoch of every trial.
 """
 
@@ -57,7 +60,7 @@ from shared_study import (
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
                     "artifacts, the best trial's point as best.* tags and its scores as "
                     "best_* metrics), one nested run per trial (optuna.feasible: within "
-                    "tune.max_gap).")
+                    "its gap limit, tune.max_gap over tune.gap_growth for short trials).")
 
 
 # the runs table's columns in the MLflow UI (tracking.runs_url)
@@ -119,6 +122,8 @@ def invocation(args: argparse.Namespace) -> Invocation:
     train = full
     if settings.train_limit:
         train = Split(full.images[:settings.train_limit], full.labels[:settings.train_limit])
+    if confirmation.is_full_length(settings, len(train), len(full), params.train.epochs):
+        settings = settings.model_copy(update={"gap_growth": 1.0})  # nothing to grow into
     return Invocation(args, params, raw, settings,
                       confirmation.companion(settings, params.train.epochs),
                       settings.front_end, full, train, load_split(processed, "val"))
@@ -179,7 +184,7 @@ def no_winner(run: Invocation, study: optuna.Study, companion: optuna.Study | No
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         return "no trial is complete yet"
     if run.full_length or not study_report.ranked(study, run.end):
-        return f"no complete trial has an honest gap within tune.max_gap {tune.max_gap}"
+        return f"no complete trial has an honest gap within {tune.gap_limit}"
     if companion is None:
         return "tune.confirm is 0: nothing is confirmed at the pipeline's length"
     if confirmation.pending(study, companion, tune, run.end):

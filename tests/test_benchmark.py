@@ -109,6 +109,9 @@ def test_fidelity_ranks_accuracy_by_the_preset_s_gap_too(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ("Spearman rank correlation over 3 configurations (all): accuracy -1.000, honest gap "
             "0.500, accuracy by the smallest preset gap 0.500\n") in result.stdout, result.stderr
+    # gap growth 1.2, 4.0, 1.0
+    assert ("honest gap growth from the preset to 50 epochs over 3 configurations (all): median "
+            "1.20 (from 1.00 to 4.00)\n") in result.stdout
 
 
 def test_fidelity_of_the_full_runs_stopped_early_trains_nothing(tmp_path):

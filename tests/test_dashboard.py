@@ -1,4 +1,4 @@
-"""What optuna-dashboard shows of a study with `tune.max_gap`: each trial's constraint and a note
+"""What optuna-dashboard shows of a study with a gap limit: each trial's constraint and a note
 saying whether it is feasible, and a study note naming the winner or saying there is none."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def study_with_gaps(tmp_path, gaps: list[float]) -> tuple[str, optuna.Study]:
 
     def objective(trial):
         gap = gaps[trial.number]
-        study_report.record_constraint(trial, gap, TUNE.max_gap)
+        study_report.record_constraint(trial, gap, TUNE.trial_max_gap, TUNE.gap_limit)
         trial.set_user_attr("honest_gap", gap)
         return 0.5 + trial.number / 10  # the last trial has the best accuracy
 
@@ -52,23 +52,27 @@ def test_the_dashboard_shows_feasibility_and_the_winner(tmp_path, gaps, winner):
     detail = api(storage, f"/api/studies/{study._study_id}")
     trials = {t["number"]: t for t in detail["trials"]}
     for number, gap in enumerate(gaps):
-        assert trials[number]["constraints"] == [pytest.approx(gap - TUNE.max_gap)]
-        verdict = "**feasible**" if gap <= TUNE.max_gap else "**infeasible**"
-        assert trials[number]["note"]["body"].startswith(f"{verdict}: honest gap {gap:.4f}")
+        assert trials[number]["constraints"] == [pytest.approx(gap - TUNE.trial_max_gap)]
+        verdict, sign = ("**feasible**", "<=") if gap <= TUNE.trial_max_gap else (
+            "**infeasible**", ">")
+        # a short trial's limit: tune.max_gap over tune.gap_growth, said so
+        assert trials[number]["note"]["body"] == (
+            f"{verdict}: honest gap {gap:.4f} {sign} 0.0625 (tune.max_gap 0.1 / "
+            "tune.gap_growth 1.6)")
     note = detail["note"]["body"]
     if winner is None:
         assert note.startswith("**No winner**: no complete trial has an honest gap within "
-                               "tune.max_gap 0.1")
+                               "0.0625 (tune.max_gap 0.1 / tune.gap_growth 1.6).")
     else:
         assert note.startswith(f"**Winner: trial {winner}**")
     # Optuna itself reads the same constraint: feasibility is one fact in both
     assert [all(v <= 0 for v in t.constraints.values()) for t in study.trials] == \
-        [gap <= TUNE.max_gap for gap in gaps]
+        [gap <= TUNE.trial_max_gap for gap in gaps]
 
 
 def test_the_accuracy_gap_figure_labels_the_winner_only(tmp_path, monkeypatch):
     # a number beside every point overlapped wherever trials scored alike
-    storage, study = study_with_gaps(tmp_path, [0.05, 0.06, 0.07, 0.3, 0.3])
+    storage, study = study_with_gaps(tmp_path, [0.03, 0.04, 0.05, 0.3, 0.3])
     best = study_report.best(study)
     labels = {}
 

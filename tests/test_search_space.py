@@ -182,6 +182,7 @@ def test_a_study_refuses_an_invocation_that_changes_what_its_trials_mean(tmp_pat
     make_study(parse_tune(raw, {"n_trials": 3}), train_images=400, fixed=fixed_params(
         with_overrides(raw, {"train.mixed_precision": "off"}), tune))
     changes = [({"tune.max_gap": 0.05}, {}, "tune.max_gap 0.08, this invocation has 0.05"),
+               ({"tune.gap_growth": 1.0}, {}, "tune.gap_growth 1.6, this invocation has 1.0"),
                ({"tune.lr_reference_batch": 32}, {}, "tune.lr_reference_batch 128, this "
                                                      "invocation has 32"),
                ({}, {"epochs": 3}, f"tune.epochs {tune.epochs}, this invocation has 3"),

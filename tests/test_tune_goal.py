@@ -45,6 +45,24 @@ def test_the_parent_run_s_settings_are_json_and_the_images_used():
     assert json.loads(tags["tune.variants"]) == tune.variants
     settings = study_settings(tune, train_images=400)
     assert settings["tune.max_gap"] == "0.08" and settings["tune.train_limit"] == "400"
+    assert settings["tune.gap_growth"] == "1.6"
+
+
+def test_short_trials_are_held_to_max_gap_over_gap_growth_and_confirmations_to_max_gap():
+    """A short trial's gap grows by about tune.gap_growth at the pipeline's length: the study's
+    trials are held to max_gap / gap_growth, its confirmations (full length) to max_gap."""
+    import confirmation
+
+    tune = parse_tune(REAL)
+    assert (tune.max_gap, tune.gap_growth) == (0.08, 1.6)
+    assert tune.trial_max_gap == 0.05
+    assert tune.gap_limit == "0.05 (tune.max_gap 0.08 / tune.gap_growth 1.6)"
+    confirming = confirmation.companion(tune, pipeline_epochs=50)
+    assert confirming.trial_max_gap == 0.08 and confirming.gap_limit == "tune.max_gap 0.08"
+    unlimited = parse_tune(with_overrides(REAL, {"tune.max_gap": None}))
+    assert unlimited.trial_max_gap is None and unlimited.gap_limit == "tune.max_gap None"
+    with pytest.raises(ParamsError, match="gap_growth"):
+        parse_tune(with_overrides(REAL, {"tune.gap_growth": 0}))
 
 
 def test_real_recipe_is_a_point_of_the_real_space():
@@ -142,10 +160,12 @@ def test_the_recipe_and_its_variants_run_first_and_a_rerun_continues_to_exactly_
     assert trials[1].user_attrs["recipe_variant"] == 1
     assert not any(t.user_attrs.get("recipe") for t in trials[1:])
     assert "recipe_variant" not in trials[2].user_attrs  # sampled
-    for trial in trials:  # the gap is a constraint: max_gap 0.5
+    # the gap is a constraint: max_gap 0.5 for a trial of the pipeline's length, 0.5 / 1.6
+    # (tune.gap_growth) for these trials of half its epochs
+    for trial in trials:
         gap = trial.user_attrs["honest_gap"]
         # Optuna's own form and the list optuna-dashboard reads (which Optuna names "0")
-        expected = pytest.approx(gap - 0.5)
+        expected = pytest.approx(gap - 0.3125, abs=1e-4)
         assert trial.constraints == {"honest_gap": expected, "0": expected}
     # the winner is the best confirmed trial (train.epochs 2 against the trials' 1: each
     # invocation's best two trained again), the first of equals; its printed command carries the
@@ -155,6 +175,9 @@ def test_the_recipe_and_its_variants_run_first_and_a_rerun_continues_to_exactly_
     complete = sorted(confirmed.get_trials(states=(TrialState.COMPLETE,)),
                       key=lambda t: t.number)
     assert 2 <= len(complete) <= 3
+    for trial in complete:  # held to tune.max_gap itself (the attr is rounded to 4 digits)
+        expected = pytest.approx(trial.user_attrs["honest_gap"] - 0.5, abs=1e-4)
+        assert trial.constraints == {"honest_gap": expected, "0": expected}
     best = max((t for t in complete if t.user_attrs["honest_gap"] <= 0.5), key=lambda t: t.value)
     rate = best.params["train.learning_rate"] * best.params["train.batch_size"] / 32
     assert f"-S train.learning_rate={rate!r}" in out.stdout
