@@ -104,21 +104,24 @@ def identity(tune: Tune, train_images: int | None, fixed: dict[str, Any] | None 
     cannot be compared with these, so a study keeps the ones it was made with. `fixed`: what
     its trials train with besides their points (search_space.fixed_params)."""
     return json.loads(json.dumps({
-        "tune.max_gap": tune.max_gap, "tune.gap_growth": tune.gap_growth,
-        "tune.lr_reference_batch": tune.lr_reference_batch,
+        "tune.max_gap": tune.max_gap, "tune.lr_reference_batch": tune.lr_reference_batch,
         "tune.epochs": tune.epochs, "tune.train_limit": train_images,
+        # after the length: a study of full-length trials records 1.0 (tune.invocation)
+        "tune.gap_growth": tune.gap_growth,
         "tune.objectives": metric_names(tune), "tune.space": space(tune), **(fixed or {})}))
 
 
 def check_identity(study: optuna.Study, tune: Tune, train_images: int | None,
                    fixed: dict[str, Any] | None = None) -> None:
     """Record the study's identity, or refuse an invocation that differs from it in one line.
-    A setting the study did not record (made by an earlier version) is not compared."""
+    A setting the study did not record (made by an earlier version) is not compared, except
+    `tune.gap_growth`, which such a study had at 1.0 (its trials held to `tune.max_gap`)."""
     mine = identity(tune, train_images, fixed)
     recorded = study.user_attrs.get(IDENTITY)
     if recorded is None:
         study.set_user_attr(IDENTITY, mine)
         return
+    recorded = {"tune.gap_growth": 1.0, **recorded}
     for key, value in mine.items():
         unknown = key == "tune.train_limit" and None in (value, recorded.get(key))
         if key in recorded and recorded[key] != value and not unknown:

@@ -204,6 +204,24 @@ def test_a_study_refuses_an_invocation_that_changes_what_its_trials_mean(tmp_pat
                                       "study's value, or --study-name for a new study")
 
 
+def test_a_study_made_before_gap_growth_keeps_its_trials_limit(tmp_path):
+    """A study made before `tune.gap_growth` held its short trials to tune.max_gap itself:
+    continuing it under a scaled limit would mix trials held to two limits."""
+    from search_space import fixed_params
+    from shared_study import IDENTITY
+
+    raw = with_overrides(RAW, {"tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    tune = parse_tune(raw)
+    study = make_study(tune, train_images=400, fixed=fixed_params(raw, tune))
+    old = {k: v for k, v in study.user_attrs[IDENTITY].items() if k != "tune.gap_growth"}
+    study.set_user_attr(IDENTITY, old)
+    with pytest.raises(UserError, match="was made with tune.gap_growth 1.0, this invocation "
+                                        "has 1.6"):
+        make_study(tune, train_images=400, fixed=fixed_params(raw, tune))
+    unscaled = with_overrides(raw, {"tune.gap_growth": 1.0})
+    make_study(parse_tune(unscaled), train_images=400, fixed=fixed_params(unscaled, tune))
+
+
 @pytest.mark.parametrize(("pruner", "multi", "epochs", "expected"), [
     ("hyperband", False, 5, optuna.pruners.HyperbandPruner),
     ("median", False, 5, optuna.pruners.MedianPruner),
