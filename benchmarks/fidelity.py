@@ -124,7 +124,7 @@ def main() -> None:
                             # the ranking a multi-objective study's gap end confirms from
                             "accuracy by the smallest preset gap":
                                 ("preset_honest_gap", "test_accuracy_50", -1)})
-    report_gap_growth(table, tune)
+    report_gap_growth(table, tune, (epochs, limit) == (tune.epochs, tune.train_limit))
     if table["cpu_minutes"].notna().any():
         print(f"cost per trial: {table['cpu_minutes'].mean():.1f} CPU minutes, "
               f"{table['wall_minutes'].mean():.1f} wall minutes (mean over the trials timed)")
@@ -146,10 +146,11 @@ def report_spearman(table: pd.DataFrame, pairs: dict[str, tuple]) -> None:
         print(f"Spearman rank correlation over {len(known)} configurations ({label}): {figures}")
 
 
-def report_gap_growth(table: pd.DataFrame, tune) -> None:
+def report_gap_growth(table: pd.DataFrame, tune, tune_preset: bool) -> None:
     """How much the honest gap grows from the preset to the 50-epoch run, the median ratio over
     every configuration and over those a study can sample: what `tune.gap_growth` is for (a
-    study holds its short trials to `tune.max_gap` over it)."""
+    study holds its short trials to `tune.max_gap` over it). `tune_preset`: whether the preset
+    is the `tune` section's, the one `tune.gap_growth` is for."""
     for label, rows in (("all", table), ("in tune.space", table[table["in_space"]])):
         known = rows.dropna(subset=["preset_honest_gap", "honest_gap_50"])
         known = known[known["preset_honest_gap"] > 0]
@@ -159,6 +160,10 @@ def report_gap_growth(table: pd.DataFrame, tune) -> None:
         print(f"honest gap growth from the preset to 50 epochs over {len(known)} configurations "
               f"({label}): median {ratios.median():.2f} (from {ratios.min():.2f} to "
               f"{ratios.max():.2f})")
+    if not tune_preset:
+        print(f"tune.gap_growth ({tune.gap_growth}) is for the tune preset ({tune.epochs} "
+              f"epochs on {tune.train_limit or 'all'} images), not this one")
+        return
     print(f"tune.gap_growth {tune.gap_growth}: a study's short trials are held to "
           f"{tune.gap_limit}")
     if tune.trial_max_gap is None:

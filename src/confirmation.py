@@ -3,13 +3,13 @@
 A study's trials are short (`tune.epochs` epochs on `tune.train_limit` images) so that many fit
 in a budget; their ranking is a proxy for the ranking at the pipeline's length, and a proxy can
 be wrong (docs/tuning.md, "How short trials rank"). After its trials, a study's `tune.confirm`
-best trials within `tune.max_gap` train again at the pipeline's length (`train.epochs`, all
-training images) with the same training code, as trials of a companion study `<study>-confirm`
-in the same storage. So confirmation is shared by a study's workers and resumes after a kill
-(a dead worker's trial is retried, like any trial), and each confirming trial is an MLflow run
-under the study's parent run. The study's winner is the confirmed trial with the best
-validation accuracy among those within `tune.max_gap`. A finished pipeline run of a point at
-the pipeline's length (`--add-run`) is a confirmed trial as it is.
+best trials within their gap limit (`tune.max_gap / tune.gap_growth`) train again at the
+pipeline's length (`train.epochs`, all training images) with the same training code, as trials
+of a companion study `<study>-confirm` in the same storage. So confirmation is shared by a
+study's workers and resumes after a kill (a dead worker's trial is retried, like any trial), and
+each confirming trial is an MLflow run under the study's parent run. The study's winner is the
+confirmed trial with the best validation accuracy among those within `tune.max_gap`. A finished
+pipeline run of a point at the pipeline's length (`--add-run`) is a confirmed trial as it is.
 
 A study whose trials already run at the pipeline's length (a GPU's `--epochs 50`) needs no
 confirmation: its trials are confirmed ones.

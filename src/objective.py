@@ -147,7 +147,9 @@ class Objective:
                 study_report.record_constraint(trial, gap, limit, self.tune.gap_limit)
                 scores["gap_over_max"] = round(gap - limit, tracking.DIGITS)
             feasible = limit is None or gap <= limit
-            mlflow.set_tag("optuna.feasible", str(feasible).lower())
+            mlflow.set_tags({"optuna.feasible": str(feasible).lower(),
+                             # what gap_over_max is measured from
+                             "optuna.gap_limit": "none" if limit is None else str(limit)})
             mlflow.log_metrics(scores)
             mlflow.set_tag("optuna.state", "COMPLETE")
             for key, value in scores.items():

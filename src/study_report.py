@@ -104,7 +104,8 @@ def _plots(study: optuna.Study, complete: list, folder: Path, tune: Tune,
 
 
 def feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether the trial meets its constraints (`tune.max_gap`; none: feasible)."""
+    """Whether the trial meets its constraints (its gap limit, `Tune.trial_max_gap`, as
+    recorded when it finished; none: feasible)."""
     return all(value <= 0 for value in trial.constraints.values())
 
 
@@ -112,7 +113,7 @@ ENDS = ("accuracy", "gap")  # the ends of a Pareto front a winner is taken from
 
 
 def ranked(study: optuna.Study, end: str = "accuracy") -> list[optuna.trial.FrozenTrial]:
-    """The complete trials within `tune.max_gap`, best first: by validation accuracy. A
+    """The complete trials within their gap limit, best first: by validation accuracy. A
     multi-objective study ranks its Pareto front only, from `end`: "accuracy" (the highest
     validation accuracy first) or "gap" (the smallest honest gap first)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -156,9 +157,11 @@ def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial 
     if confirmed_in is not None:
         which = (f"the {tune.confirm} with the smallest honest gap on the Pareto front"
                  if len(study.directions) > 1 and end == "gap" else f"the best {tune.confirm}")
-        save_note(study, f"Short trials: {which} within the gap limit {tune.gap_limit} are "
-                  f"trained again at the pipeline's length in the study **{confirmed_in}**, "
-                  "whose best validation accuracy within tune.max_gap is this study's winner.")
+        within = "" if tune.max_gap is None else f" within the gap limit {tune.gap_limit}"
+        limit = "" if tune.max_gap is None else f" within tune.max_gap {tune.max_gap}"
+        save_note(study, f"Short trials: {which}{within} are trained again at the pipeline's "
+                  f"length in the study **{confirmed_in}**, whose best validation accuracy"
+                  f"{limit} is this study's winner.")
         return
     if tune.max_gap is None:
         return
@@ -196,7 +199,7 @@ def _summary(counts: dict[str, int]) -> str:
 
 
 def best(study: optuna.Study, end: str = "accuracy") -> optuna.trial.FrozenTrial | None:
-    """The study's best trial within `tune.max_gap` (`ranked`), if any."""
+    """The study's best trial within its gap limit (`ranked`), if any."""
     candidates = ranked(study, end)
     return candidates[0] if candidates else None
 

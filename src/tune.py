@@ -66,9 +66,9 @@ TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as param
 # the runs table's columns in the MLflow UI (tracking.runs_url)
 TUNE_COLUMNS = ("metrics.val_accuracy_final", "metrics.honest_gap", "params.train.epochs",
                 "params.data.train_images", "tags.optuna.confirms", "tags.optuna.feasible",
-                "tags.optuna.state", "params.model.dropout", "params.train.learning_rate",
-                "params.train.batch_size", "params.augment.cutout", "params.augment.mixup",
-                "params.augment.cutmix")
+                "tags.optuna.gap_limit", "tags.optuna.state", "params.model.dropout",
+                "params.train.learning_rate", "params.train.batch_size", "params.augment.cutout",
+                "params.augment.mixup", "params.augment.cutmix")
 
 
 @dataclass(frozen=True)
@@ -100,14 +100,14 @@ class Invocation:
         return f"{self.params.train.epochs} epochs on {len(self.full)} images"
 
 
-def invocation(args: argparse.Namespace) -> Invocation:
-    params = load_params()
-    raw = read_yaml("params.yaml")
+def settings_of(args: argparse.Namespace, raw: dict) -> Tune:
+    """The study's settings: params.yaml's `tune` section with the flags given over it."""
     flags = {key: value for key, value in {
         "n_trials": args.n_trials, "timeout": args.timeout, "epochs": args.epochs,
         "train_limit": args.train_limit, "study_name": args.study_name,
         "storage": args.storage, "pruner": args.pruner, "confirm": args.confirm,
-        "multi_objective": args.multi_objective or None, "front_end": args.front_end,
+        "gap_growth": args.gap_growth, "multi_objective": args.multi_objective or None,
+        "front_end": args.front_end,
     }.items() if value is not None}
     settings = parse_tune(raw, flags)
     if (args.front_end or settings.front_end != "accuracy") and not settings.multi_objective:
@@ -115,6 +115,15 @@ def invocation(args: argparse.Namespace) -> Invocation:
         raise cli.UserError(f"{where} {settings.front_end}: a single-objective study has one "
                             "best trial; the option picks an end of a multi-objective study's "
                             "Pareto front")
+    if settings.max_gap is None:  # no limit to scale
+        settings = settings.model_copy(update={"gap_growth": 1.0})
+    return settings
+
+
+def invocation(args: argparse.Namespace) -> Invocation:
+    params = load_params()
+    raw = read_yaml("params.yaml")
+    settings = settings_of(args, raw)
     processed = Path(params.paths.processed)
     if not (processed / "train.npz").is_file():
         raise cli.StageError(f"{processed}/train.npz is missing: run `dvc repro preprocess`")
@@ -319,6 +328,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --add-run: count a run trained by other training code")
     parser.add_argument("--confirm", type=int, help="best trials trained again at the "
                         "pipeline's length (default: tune.confirm)")
+    parser.add_argument("--gap-growth", type=float, help="short trials are held to "
+                        "tune.max_gap over this (default: tune.gap_growth; 1 for a study made "
+                        "before the setting existed)")
     parser.add_argument("--apply", action="store_true",
                         help="write the confirmed winner into params.yaml (comments kept)")
     parser.add_argument("--apply-unconfirmed", action="store_true",

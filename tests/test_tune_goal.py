@@ -125,6 +125,17 @@ def test_an_infeasible_trial_is_never_the_best():
     assert study_report.best(study).number == 2
 
 
+def test_the_gap_growth_flag_and_a_study_without_a_limit():
+    """`--gap-growth` overrides tune.gap_growth (1 resumes a study made before it); with no
+    tune.max_gap there is no limit to scale."""
+    from tune import parse_args, settings_of
+
+    assert settings_of(parse_args([]), REAL).gap_growth == 1.6
+    assert settings_of(parse_args(["--gap-growth", "1"]), REAL).gap_growth == 1.0
+    unlimited = settings_of(parse_args([]), with_overrides(REAL, {"tune.max_gap": None}))
+    assert unlimited.gap_growth == 1.0 and unlimited.trial_max_gap is None
+
+
 def test_with_no_feasible_trial_there_is_no_winner():
     study = optuna.create_study(direction="maximize")
     study.add_trial(create_trial(
@@ -178,6 +189,13 @@ def test_the_recipe_and_its_variants_run_first_and_a_rerun_continues_to_exactly_
     for trial in complete:  # held to tune.max_gap itself (the attr is rounded to 4 digits)
         expected = pytest.approx(trial.user_attrs["honest_gap"] - 0.5, abs=1e-4)
         assert trial.constraints == {"honest_gap": expected, "0": expected}
+    # each trial's MLflow run says which limit its gap_over_max is measured from
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    for trial, limit in [*((t, "0.3125") for t in trials), *((t, "0.5") for t in complete)]:
+        run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["optuna.gap_limit"] == limit
     best = max((t for t in complete if t.user_attrs["honest_gap"] <= 0.5), key=lambda t: t.value)
     rate = best.params["train.learning_rate"] * best.params["train.batch_size"] / 32
     assert f"-S train.learning_rate={rate!r}" in out.stdout
