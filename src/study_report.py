@@ -131,15 +131,15 @@ def ranked(study: optuna.Study, end: str = "accuracy") -> list[optuna.trial.Froz
 DASHBOARD_CONSTRAINTS = "constraints"
 
 
-def record_constraint(trial: optuna.Trial, gap: float, max_gap: float,
-                      limit: str | None = None) -> float:
-    """The trial's gap constraint, `max_gap` (feasible when <= 0), where Optuna and
-    optuna-dashboard both read it; a note on the trial says whether it is feasible. `limit`:
-    how the note names the limit (`Tune.gap_limit`; default `tune.max_gap {max_gap}`)."""
+def record_constraint(trial: optuna.Trial, gap: float, tune: Tune) -> float:
+    """The trial's gap constraint, its study's limit `Tune.trial_max_gap` (feasible when <= 0),
+    where Optuna and optuna-dashboard both read it; a note on the trial says whether it is
+    feasible, naming the limit (`Tune.gap_limit`)."""
+    max_gap = tune.trial_max_gap
     value = gap - max_gap
     trial.set_constraint("honest_gap", value)
     trial.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS, [value])
-    save_note(trial, _feasibility(gap, max_gap, limit or f"tune.max_gap {max_gap}"))
+    save_note(trial, _feasibility(gap, max_gap, tune.gap_limit))
     return value
 
 

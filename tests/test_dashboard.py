@@ -35,7 +35,7 @@ def study_with_gaps(tmp_path, gaps: list[float]) -> tuple[str, optuna.Study]:
 
     def objective(trial):
         gap = gaps[trial.number]
-        study_report.record_constraint(trial, gap, TUNE.trial_max_gap, TUNE.gap_limit)
+        study_report.record_constraint(trial, gap, TUNE)
         trial.set_user_attr("honest_gap", gap)
         return 0.5 + trial.number / 10  # the last trial has the best accuracy
 
