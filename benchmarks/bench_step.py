@@ -8,8 +8,8 @@ One in-memory batch of the default model (params.yaml `model`), SGD, `train_on_b
 no input pipeline, no validation; compiled without XLA as the train stage does on a CPU, or with
 it where the policy is written `NAME+xla`. Each policy runs in a fresh process, alternating
 A B A B, and the report gives the median images/s per policy and each one's ratio to the first.
-It also prints whether the processor has native bfloat16 (`devices.native_bf16`, the flag `auto`
-follows).
+It also prints whether the processor has native bfloat16 (`devices.native_bf16`: without it,
+`mixed_precision: on` emulates bfloat16 and says so).
 TensorFlow backend; asserts nothing.
 """
 

@@ -17,7 +17,7 @@ leaks from one to the next, and each child's ru_maxrss is that run's peak memory
   C  the step limit: the pipeline's compiled model (`fitting.compile_model`: its optimizer, loss
      and compilation) fitted on one in-memory batch repeated, no input pipeline, no validation.
 All three run on `train.backend` in the precision A resolves (`devices.configure`: with
-`mixed_precision: auto`, bfloat16 on a CPU with native bfloat16). The two ratios name the limit:
+`mixed_precision: auto`, float32 on a CPU; `on`, bfloat16). The two ratios name the limit:
 A's training phase over C (what the input pipeline and augmentation cost; goal >= 0.9) and A over
 B, whole epochs (goal >= 1.0; with augmentation on, A does more work than B).
 A Keras callback times each epoch from `on_epoch_begin` to `on_epoch_end` (training and validation)

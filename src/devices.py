@@ -1,12 +1,14 @@
 """Precision, compilation and data parallelism of a run, from params, the backend and the devices.
 
 Defaults follow the hardware and the backend:
-- precision: on a GPU mixed precision in the type each backend does well, float16 on TensorFlow,
-  bfloat16 on JAX; on a CPU with native bfloat16 arithmetic (the `avx512_bf16` or `amx_bf16` flag
-  in /proc/cpuinfo) `mixed_bfloat16` on TensorFlow, whose oneDNN kernels use it (1.6x the float32
-  step on a 2-core AVX512-BF16 EPYC); float32 on other CPUs, where bfloat16 is emulated (10x
-  slower than float32 on a 2-core AVX2 EPYC), and on JAX's CPU backend. The softmax and the loss
-  stay float32 (model.py).
+- precision: under `auto`, mixed precision on a GPU in the type each backend does well, float16 on
+  TensorFlow, bfloat16 on JAX; float32 on a CPU. `on` asks for mixed precision on a CPU too, in
+  bfloat16, the type CPUs compute natively: with the `avx512_bf16` or `amx_bf16` flag in
+  /proc/cpuinfo oneDNN runs it at 1.6x the float32 step (2-core AVX512-BF16 EPYC); elsewhere it is
+  emulated (10x slower than float32 on a 2-core AVX2 EPYC) and `configure` says so on stderr.
+  `auto` keeps CPUs at float32 because bfloat16 cost accuracy there: the recipe + cutout scored
+  0.46 points less test accuracy over three seeds, beyond the seed spread (docs/performance.md).
+  The softmax and the loss stay float32 (model.py).
 - compilation: XLA on a TensorFlow GPU (on a CPU it measured about twice as slow); JAX always
   compiles with XLA, its own compiler
 - parallelism: one device, or data-parallel over all local GPUs when there are several, through the
@@ -17,6 +19,7 @@ Defaults follow the hardware and the backend:
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,14 +73,12 @@ def native_bf16() -> bool:
     return bool(NATIVE_BF16_FLAGS & cpu_flags())
 
 
-def precision_policy(setting: str, gpu_count: int, backend: str, cpu_bf16: bool = False) -> str:
-    """Keras dtype policy: the backend's mixed type when asked for ("on") or on a GPU under "auto";
-    under "auto" on a CPU, `mixed_bfloat16` on TensorFlow where the CPU has native bfloat16."""
-    if setting == "on" or (setting == "auto" and gpu_count > 0):
-        return MIXED[backend]
-    if setting == "auto" and cpu_bf16 and backend == "tensorflow":
-        return "mixed_bfloat16"
-    return "float32"
+def precision_policy(setting: str, gpu_count: int, backend: str) -> str:
+    """Keras dtype policy: float32 when "off", and under "auto" on a CPU; otherwise mixed
+    precision, in the backend's type on a GPU and in bfloat16 on a CPU."""
+    if setting == "off" or (setting == "auto" and gpu_count == 0):
+        return "float32"
+    return MIXED[backend] if gpu_count else "mixed_bfloat16"
 
 
 def use_xla(gpu_count: int, backend: str) -> bool:
@@ -112,8 +113,11 @@ def configure(train: Train, seed: int) -> Setup:
 
         tf.config.experimental.enable_op_determinism()
     found = gpus()
-    policy = precision_policy(train.mixed_precision, len(found), backend,
-                              cpu_bf16=not found and native_bf16())
+    policy = precision_policy(train.mixed_precision, len(found), backend)
+    if policy == "mixed_bfloat16" and not found and not native_bf16():
+        print("train.mixed_precision: on: this CPU has no native bfloat16 (no avx512_bf16 or "
+              "amx_bf16 flag): bfloat16 is emulated and slower than float32; `off` trains "
+              "float32", file=sys.stderr)
     keras.mixed_precision.set_global_policy(policy)
     replicas, scope = 1, contextlib.nullcontext
     if parallel(train.distribute, len(found)):

@@ -23,24 +23,14 @@ cpu_only = pytest.mark.skipif(HAS_GPU, reason="a GPU is present")
     ("auto", 1, "tensorflow", "mixed_float16"),
     ("auto", 1, "jax", "mixed_bfloat16"),
     ("auto", 2, "jax", "mixed_bfloat16"),
-    ("on", 0, "tensorflow", "mixed_float16"),
+    ("on", 1, "tensorflow", "mixed_float16"),
+    ("on", 0, "tensorflow", "mixed_bfloat16"),  # a CPU's mixed type is bfloat16, on both backends
     ("on", 0, "jax", "mixed_bfloat16"),
     ("off", 1, "tensorflow", "float32"),
     ("off", 4, "jax", "float32"),
 ])
 def test_precision_policy(setting, gpu_count, backend, policy):
     assert devices.precision_policy(setting, gpu_count, backend) == policy
-
-
-@pytest.mark.parametrize(("setting", "gpu_count", "backend", "policy"), [
-    ("auto", 0, "tensorflow", "mixed_bfloat16"),  # oneDNN's native bf16 kernels
-    ("auto", 0, "jax", "float32"),                # JAX's CPU backend: unmeasured, float32
-    ("auto", 1, "tensorflow", "mixed_float16"),   # a GPU decides, not the host CPU
-    ("on", 0, "tensorflow", "mixed_float16"),     # "on" keeps its meaning
-    ("off", 0, "tensorflow", "float32"),
-])
-def test_precision_policy_on_a_cpu_with_native_bf16(setting, gpu_count, backend, policy):
-    assert devices.precision_policy(setting, gpu_count, backend, cpu_bf16=True) == policy
 
 
 @pytest.mark.parametrize(("kind", "native"), [
@@ -82,10 +72,14 @@ def test_no_gpus_on_a_cpu_machine():
 
 @cpu_only
 @pytest.mark.usefixtures("restore_policy")
-@pytest.mark.parametrize(("cpu", "setting", "policy"), [
-    ("avx2", "auto", "float32"), ("avx512_bf16", "auto", "mixed_bfloat16"),
-    ("avx2", "on", "mixed_float16"), ("avx512_bf16", "off", "float32")])
-def test_configure_on_a_cpu(fake_cpu, cpu, setting, policy):
+@pytest.mark.parametrize(("cpu", "setting", "policy", "emulated"), [
+    ("avx2", "auto", "float32", False),
+    ("avx512_bf16", "auto", "float32", False),  # bfloat16 costs accuracy: only when asked for
+    ("avx512_bf16", "on", "mixed_bfloat16", False),
+    ("amx", "on", "mixed_bfloat16", False),
+    ("avx2", "on", "mixed_bfloat16", True),     # asked for where it is emulated: said so
+    ("avx512_bf16", "off", "float32", False)])
+def test_configure_on_a_cpu(fake_cpu, capsys, cpu, setting, policy, emulated):
     fake_cpu(cpu)
     train = load_params().train.model_copy(update={"mixed_precision": setting})
     setup = devices.configure(train, seed=0)
@@ -93,6 +87,10 @@ def test_configure_on_a_cpu(fake_cpu, cpu, setting, policy):
     assert (setup.policy, setup.xla, setup.replicas) == (policy, False, 1)
     with setup.scope():
         assert tf.distribute.get_strategy().num_replicas_in_sync == 1
+    said = capsys.readouterr().err
+    assert ("bfloat16 is emulated" in said) is emulated
+    if emulated:
+        assert said.startswith("train.mixed_precision: on: ") and said.count("\n") == 1
 
 
 @cpu_only

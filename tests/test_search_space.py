@@ -289,7 +289,7 @@ def test_a_trial_is_scored_under_the_policy_it_trained_in(tmp_path, monkeypatch)
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.optimize(Objective(raw, tune, split, split, None), n_trials=1)
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
-    assert seen == ["mixed_float16"]  # "on" with TensorFlow, as trained; not float32 after reset
+    assert seen == ["mixed_bfloat16"]  # "on" on a CPU, as trained; not float32 after reset
 
 
 def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
