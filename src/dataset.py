@@ -6,10 +6,11 @@ generator keyed on `(seed, e, batch)`, so a run resumed at epoch `k` sees exactl
 uninterrupted run would. All remaining epochs form one sequence, consumed with `steps_per_epoch`,
 so Keras keeps a single iterator for the whole fit.
 
-On JAX the batches go to Keras as a `keras.utils.PyDataset` made in the step's own thread
-(`workers=1`): with Keras' thread pool (`workers > 1`) a run resumed after a kill differed from
-an uninterrupted one from its second epoch on (tests/test_backends.py), which `workers=1` does
-not. TensorFlow is never imported.
+On JAX the batches go to Keras as a `keras.utils.PyDataset` whose worker threads (Keras' ordered
+enqueuer) make them ahead of the step. `TrainBatches` tells Keras it has no end (`num_batches`
+is None): Keras stops its enqueuer at every epoch's end and, for a dataset with an end, starts
+the next epoch back at index 0, where an endless one continues at the next index. TensorFlow is
+never imported.
 On TensorFlow they are wrapped in a `tf.data` pipeline whose
 prefetch thread makes them while the model trains, with autotuning off: in TensorFlow 2.21,
 dropping an iterator (Keras does so for the validation data every epoch) waits for the autotuning
@@ -30,7 +31,7 @@ from model import NUM_CLASSES
 from params import Augment
 
 PREFETCH_BATCHES = 8
-PREFETCH_WORKERS = 1  # more breaks exact resumes on JAX: see the module's docstring
+PREFETCH_WORKERS = 2  # JAX: threads making batches while the step runs
 NO_AUGMENTATION = Augment(flip=False, crop=0, shift=0.0, cutout=0, mixup=0.0, cutmix=0.0)
 
 
@@ -63,6 +64,13 @@ class TrainBatches(keras.utils.PyDataset):
 
     def __len__(self) -> int:
         return self.steps * (self.epochs - self.first_epoch)
+
+    @property
+    def num_batches(self) -> None:
+        """None (endless) for Keras: its enqueuer then keeps one stream of indices over all
+        epochs, read with `steps_per_epoch`, instead of restarting each epoch at index 0 (the
+        workers may make a few batches past the last epoch; nothing reads them)."""
+        return None
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         epoch, batch = divmod(index, self.steps)

@@ -33,6 +33,35 @@ def test_every_batch_is_a_function_of_seed_epoch_and_index():
     assert not np.array_equal(full[0][0], full[4][0])  # each epoch its own order
 
 
+def _seen_by_keras(batches: dataset.TrainBatches) -> list:
+    """Every batch of a fit as Keras' epoch iterator (what JAX's trainer reads) hands them out."""
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    epochs = batches.epochs - batches.first_epoch
+    iterator = EpochIterator(batches, steps_per_epoch=batches.steps, shuffle=False)
+    seen = []
+    for _ in range(epochs):
+        for _, _, data in iterator:
+            seen.extend(data)
+    iterator.data_adapter.on_epoch_end()
+    return seen
+
+
+def test_keras_worker_threads_hand_out_every_epoch_s_batches_in_order():
+    """On JAX, Keras' enqueuer threads make the batches; it is stopped and started at every
+    epoch, and must go on to the next epoch's batches, not back to the first ones."""
+    params = OFF.model_copy(update=EACH)
+    for first_epoch in (0, 1):  # a whole fit and a fit resumed after epoch 1
+        made = batches(params, first_epoch)
+        assert made.workers > 1
+        seen = _seen_by_keras(made)
+        assert len(seen) == len(made)
+        for index, (images, labels) in enumerate(seen):
+            expected_images, expected_labels = made[index]
+            np.testing.assert_array_equal(images, expected_images)
+            np.testing.assert_array_equal(labels, expected_labels)
+
+
 def test_epoch_order_is_a_permutation_keyed_on_seed_and_epoch():
     order = dataset.epoch_order(64, 7, 2)
     assert sorted(order) == list(range(64))
