@@ -19,6 +19,7 @@ Defaults follow the hardware and the backend:
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,13 @@ def precision_policy(setting: str, gpu_count: int, backend: str) -> str:
     return MIXED[backend] if gpu_count else "mixed_bfloat16"
 
 
+@functools.cache  # once per process, not once per tuning trial
+def _say_emulated() -> None:
+    print("train.mixed_precision: on: this CPU has no native bfloat16 (no avx512_bf16 or "
+          "amx_bf16 flag): bfloat16 is emulated and slower than float32; `off` trains float32",
+          file=sys.stderr)
+
+
 def use_xla(gpu_count: int, backend: str) -> bool:
     return backend == "jax" or gpu_count > 0
 
@@ -115,9 +123,7 @@ def configure(train: Train, seed: int) -> Setup:
     found = gpus()
     policy = precision_policy(train.mixed_precision, len(found), backend)
     if policy == "mixed_bfloat16" and not found and not native_bf16():
-        print("train.mixed_precision: on: this CPU has no native bfloat16 (no avx512_bf16 or "
-              "amx_bf16 flag): bfloat16 is emulated and slower than float32; `off` trains "
-              "float32", file=sys.stderr)
+        _say_emulated()
     keras.mixed_precision.set_global_policy(policy)
     replicas, scope = 1, contextlib.nullcontext
     if parallel(train.distribute, len(found)):

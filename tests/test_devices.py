@@ -81,6 +81,7 @@ def test_no_gpus_on_a_cpu_machine():
     ("avx512_bf16", "off", "float32", False)])
 def test_configure_on_a_cpu(fake_cpu, capsys, cpu, setting, policy, emulated):
     fake_cpu(cpu)
+    devices._say_emulated.cache_clear()
     train = load_params().train.model_copy(update={"mixed_precision": setting})
     setup = devices.configure(train, seed=0)
     assert keras.mixed_precision.global_policy().name == policy
@@ -91,6 +92,8 @@ def test_configure_on_a_cpu(fake_cpu, capsys, cpu, setting, policy, emulated):
     assert ("bfloat16 is emulated" in said) is emulated
     if emulated:
         assert said.startswith("train.mixed_precision: on: ") and said.count("\n") == 1
+        devices.configure(train, seed=0)  # the next trial of a study: said once per process
+        assert capsys.readouterr().err == ""
 
 
 @cpu_only
