@@ -46,6 +46,10 @@ class Setup:
         return {"backend": keras.backend.backend(), "policy": self.policy, "xla": self.xla,
                 "replicas": self.replicas}
 
+    def tags(self) -> dict[str, str]:
+        """MLflow tags of a run trained under this setup: `devices.policy` and the others."""
+        return {f"devices.{key}": str(value) for key, value in self.describe().items()}
+
 
 def gpus() -> list:
     if keras.backend.backend() == "jax":

@@ -19,6 +19,7 @@ import optuna
 
 import cli
 import confirmation
+import devices
 import progress
 import study_report
 import tracking
@@ -106,7 +107,9 @@ class Objective:
                                "data.train_images": len(self.train_split)})
             try:
                 pruning = [] if self.tune.multi_objective else [Pruning(trial)]
-                result = fit(params, self.train_split, self.val_split,
+                configured = devices.configure(params.train, params.seed)
+                mlflow.set_tags(configured.tags())  # the precision it trained in, among others
+                result = fit(params, self.train_split, self.val_split, configured=configured,
                              verbose=progress.verbosity(),
                              callbacks=[*progress.callbacks(f"trial {trial.number}"), *pruning,
                                         Deadline(self.deadline)],

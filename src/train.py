@@ -91,8 +91,7 @@ def train(params: Params) -> dict:
                                                                     "train"}))})
             mlflow.set_tags({"keras.backend": backend.version(params.train.backend),
                              "keras.version": keras.__version__,
-                             **{f"devices.{k}": str(v)
-                                for k, v in configured.describe().items()}})
+                             **configured.tags()})
 
         def after_epoch(model, history):
             checkpoint.save(model, len(history), run_id, history)

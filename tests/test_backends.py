@@ -61,6 +61,7 @@ def test_jax_pipeline_runs_without_tensorflow(project, no_tensorflow):
     (run,) = runs_of(project)
     assert run.data.params["train.backend"] == "jax"
     assert run.data.tags["keras.backend"].startswith("jax ")
+    assert run.data.tags["devices.policy"] == "float32"  # `auto` on a CPU
     # MLflow's Keras 3 flavor names the Keras that trained it, and its backend
     flavor = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").flavors["keras"]
     assert (flavor["keras_version"], flavor["keras_backend"]) == (keras.__version__, "jax")

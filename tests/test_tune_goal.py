@@ -196,6 +196,7 @@ def test_the_recipe_and_its_variants_run_first_and_a_rerun_continues_to_exactly_
     for trial, limit in [*((t, "0.3125") for t in trials), *((t, "0.5") for t in complete)]:
         run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["optuna.gap_limit"] == limit
+        assert run.data.tags["devices.policy"] == "float32"  # the precision it trained in
     best = max((t for t in complete if t.user_attrs["honest_gap"] <= 0.5), key=lambda t: t.value)
     rate = best.params["train.learning_rate"] * best.params["train.batch_size"] / 32
     assert f"-S train.learning_rate={rate!r}" in out.stdout
