@@ -147,8 +147,8 @@ class Objective:
                                        "epochs_trained": len(result.history)})
             limit = self.tune.trial_max_gap
             if limit is not None:  # feasible when <= 0; Optuna's best is feasible
-                study_report.record_constraint(trial, gap, self.tune)
-                scores["gap_over_max"] = round(gap - limit, tracking.DIGITS)
+                over = study_report.record_constraint(trial, gap, self.tune)
+                scores["gap_over_max"] = round(over, tracking.DIGITS)
             feasible = limit is None or gap <= limit
             mlflow.set_tags({"optuna.feasible": str(feasible).lower(),
                              # what gap_over_max is measured from

@@ -157,8 +157,9 @@ def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial 
     if confirmed_in is not None:
         which = (f"the {tune.confirm} with the smallest honest gap on the Pareto front"
                  if len(study.directions) > 1 and end == "gap" else f"the best {tune.confirm}")
-        within = "" if tune.max_gap is None else f" within the gap limit {tune.gap_limit}"
-        limit = "" if tune.max_gap is None else f" within tune.max_gap {tune.max_gap}"
+        within, limit = (("", "") if tune.max_gap is None else
+                         (f" within the gap limit {tune.gap_limit}",
+                          f" within tune.max_gap {tune.max_gap}"))
         save_note(study, f"Short trials: {which}{within} are trained again at the pipeline's "
                   f"length in the study **{confirmed_in}**, whose best validation accuracy"
                   f"{limit} is this study's winner.")
