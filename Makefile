@@ -4,13 +4,15 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-$(BIN)/activate: pyproject.toml
+# constraints.txt pins every package to the version the results were measured with;
+# `make lock` re-resolves pyproject.toml's ranges to today's newest and pins those.
+$(BIN)/activate: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
-.PHONY: setup repro test test-fast lint mlflow-server
+.PHONY: setup repro test test-fast lint lock mlflow-server
 setup: $(BIN)/activate
 
 repro: setup
@@ -27,3 +29,11 @@ lint: setup
 
 mlflow-server: setup
 	. $(BIN)/activate && scripts/mlflow_server.sh
+
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet -e ".[test]"
+	{ echo "# pip constraints: the version of every package \`make setup\` installs, the ones the tests passed with."; \
+	  echo "# Written by \`make lock\` from pyproject.toml's ranges; \`make setup\` installs with -c constraints.txt."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm -rf .lock-venv
