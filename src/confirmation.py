@@ -26,6 +26,7 @@ from shared_study import FINISHED
 
 SUFFIX = CONFIRM_SUFFIX
 CONFIRMS = "confirms"  # a confirming trial's user attr: the number of the trial it confirms
+DIVERGED = "diverged"  # a trial's user attr: how its loss diverged (objective.py)
 
 
 def companion(tune: Tune, pipeline_epochs: int) -> Tune:
@@ -45,12 +46,20 @@ def is_full_length(tune: Tune, trial_images: int, pipeline_images: int,
 HELD = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 
 
+def _held(trial: FrozenTrial) -> bool:
+    """Whether a confirming trial settles its point: queued, running, trained or added, or
+    failed because its loss diverged (a rerun would diverge again). One whose worker died
+    (after its retries), that was stopped or that failed otherwise is not: a rerun queues its
+    point again."""
+    return trial.state in HELD or (trial.state == TrialState.FAIL and DIVERGED in trial.user_attrs)
+
+
 def _unheld(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str
             ) -> list[tuple[int, dict]]:
     """(number, point) of the study's `tune.confirm` best trials whose point the companion
-    study does not hold (queued, running, trained or added; a failed confirmation is not held)."""
+    study does not hold (`_held`)."""
     held = [t.system_attrs.get("fixed_params", t.params)
-            for t in confirming.get_trials(deepcopy=False, states=HELD)]
+            for t in confirming.get_trials(deepcopy=False) if _held(t)]
     unheld = []
     for trial in study_report.ranked(study, end)[:tune.confirm]:
         point = {key: trial.params[key] for key in tune.space}
@@ -61,8 +70,7 @@ def _unheld(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str
 
 def queue(study: optuna.Study, confirming: optuna.Study, tune: Tune, end: str) -> list[int]:
     """Queue the points of the study's `tune.confirm` best trials in the companion study, unless
-    it holds them (a point whose confirmation failed is queued again); return the numbers of the
-    trials queued."""
+    it holds them (`_held`); return the numbers of the trials queued."""
     unheld = _unheld(study, confirming, tune, end)
     for number, point in unheld:
         confirming.enqueue_trial(point, user_attrs={CONFIRMS: number})
@@ -89,7 +97,8 @@ def summary(study: optuna.Study, confirming: optuna.Study, tune: Tune) -> list[s
     """One line per confirmed trial: its figures at the proxy and at the pipeline's length."""
     proxy = {t.number: t for t in study.get_trials(deepcopy=False)}
     lines = []
-    for trial in confirming.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in confirming.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                TrialState.FAIL)):
         attrs = trial.user_attrs
         number = attrs.get(CONFIRMS)
         if number in proxy and proxy[number].values:
@@ -98,6 +107,11 @@ def summary(study: optuna.Study, confirming: optuna.Study, tune: Tune) -> list[s
                       f"{short.user_attrs.get('honest_gap', float('nan')):.4f} at the proxy)")
         else:
             source = f"the run {attrs.get('added_run', '?')}, added"
+        if trial.state == TrialState.FAIL:
+            if DIVERGED in attrs:  # a verdict on its point; other failures are retried
+                lines.append(f"  {tune.study_name}{SUFFIX} trial {trial.number}: {source} -> "
+                             f"diverged: {attrs[DIVERGED]}")
+            continue
         gap = attrs.get("honest_gap", float("nan"))
         within = tune.max_gap is None or gap <= tune.max_gap
         lines.append(f"  {tune.study_name}{SUFFIX} trial {trial.number}: {source} -> val "
@@ -115,7 +129,7 @@ def winner(study: optuna.Study, confirming: optuna.Study, tune: Tune, confirming
     done = not pending(study, confirming, tune, end)
     best = study_report.report(confirming, confirming_tune, None, label="confirm",
                                title="winner: confirmed trial" if done
-                               else "best confirmed trial so far")
+                               else "best confirmed trial so far", final=done)
     return best if done else None
 
 

@@ -33,13 +33,17 @@ class FitResult:
     stopped_early: bool
 
 
+class Diverged(cli.StageError):
+    """The loss became NaN or infinite: the params' verdict, the same on every rerun."""
+
+
 class StopOnNaN(keras.callbacks.Callback):
     """Fail loudly: a NaN loss is an error, not a finished run."""
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            raise cli.StageError(f"loss became {loss} in epoch {epoch + 1}; nothing was saved")
+            raise Diverged(f"loss became {loss} in epoch {epoch + 1}; nothing was saved")
 
 
 class EpochLog(keras.callbacks.Callback):

@@ -24,7 +24,7 @@ import progress
 import study_report
 import tracking
 from cifar import Split
-from fitting import fit
+from fitting import Diverged, fit
 from params import Tune
 from scoring import final_scores
 from search_space import overrides, sample, trial_params
@@ -137,6 +137,10 @@ class Objective:
                 # be lost (a study queues its starting points once, when it is new)
                 if any(key in trial.user_attrs for key in QUEUED_ATTRS):
                     queue_again(trial, "interrupted_trial")
+                raise
+            except Diverged as error:  # the point's verdict: a confirmation is not redone
+                mlflow.set_tag("optuna.state", "FAIL")
+                trial.set_user_attr(confirmation.DIVERGED, str(error))
                 raise
             except Exception:  # Optuna records it as FAIL
                 mlflow.set_tag("optuna.state", "FAIL")

@@ -8,6 +8,7 @@ study and one parent run, and never start more trials than the budget.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -26,7 +27,7 @@ import cli
 import known_runs
 import tracking
 from dblock import DatabaseLock
-from params import Tune
+from params import CONFIRM_SUFFIX, Tune
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the trial budget counts
 MAX_FAILURES_IN_A_ROW = 5
@@ -46,13 +47,16 @@ def storage_url(tune: Tune) -> str:
 
 
 def exists(tune: Tune) -> bool:
-    """Whether the storage holds the study (a missing SQLite file is not created)."""
+    """Whether the storage holds the study (a missing SQLite file is not created). A storage
+    URL of an unsupported kind, or a database out of reach, is a one-line error (dblock.py)."""
     url = storage_url(tune)
+    lock = study_lock(tune)
     parsed = sqlalchemy.engine.make_url(url)
     if parsed.drivername.startswith("sqlite") and not (
             parsed.database and Path(parsed.database).is_file()):
         return False
-    return tune.study_name in optuna.get_all_study_names(url)
+    with lock:
+        return tune.study_name in optuna.get_all_study_names(url)
 
 
 def shown(url: str) -> str:
@@ -65,11 +69,24 @@ def study_lock(tune: Tune) -> DatabaseLock:
     return DatabaseLock(storage_url(tune), "optuna-study")
 
 
+class RetryFromEpochOne(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a dead worker's trial, less the successive-halving rungs the dead
+    trial completed. Optuna copies every system attr into the retry; a retry trains from its
+    first epoch, and with the dead trial's `completed_rung_0` the pruner would wait for a rung
+    past the trial's end and never prune it."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial = copy.deepcopy(trial)
+        trial.system_attrs = {key: value for key, value in trial.system_attrs.items()
+                              if not key.startswith("completed_rung_")}
+        super().__call__(study, trial)
+
+
 def make_storage(tune: Tune) -> optuna.storages.RDBStorage:
     url = storage_url(tune)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
         "pool_pre_ping": True}
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retry)
+    retry = RetryFromEpochOne(max_retry=tune.max_retry)
     return optuna.storages.RDBStorage(
         url, engine_kwargs=engine, heartbeat_interval=tune.heartbeat_interval,
         grace_period=tune.grace_period, heartbeat_stale_trial_callback=retry)
@@ -126,6 +143,8 @@ def check_identity(study: optuna.Study, tune: Tune, train_images: int | None,
         unknown = key == "tune.train_limit" and None in (value, recorded.get(key))
         if key in recorded and recorded[key] != value and not unknown:
             what, before = ("training images" if key == "tune.train_limit" else key), recorded[key]
+            if key == "tune.epochs" and tune.study_name.endswith(CONFIRM_SUFFIX):
+                what = "train.epochs"  # a companion study trains at the pipeline's length
             if key == "tune.space":  # name the first key that differs, not the whole space
                 what = min(k for k in {*before, *value} if before.get(k) != value.get(k))
                 before, value = before.get(what, "absent"), value.get(what, "absent")

@@ -150,10 +150,12 @@ def _feasibility(gap: float, max_gap: float, limit: str) -> str:
 
 
 def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial | None,
-                confirmed_in: str | None = None, end: str | None = "accuracy") -> None:
+                confirmed_in: str | None = None, end: str | None = "accuracy",
+                final: bool = True) -> None:
     """What optuna-dashboard shows on the study page: its winner, or that it has none (the
     dashboard's own "Best Trial" ignores constraints). A study whose best trials are confirmed
-    at full length names the study that holds its winner instead."""
+    at full length names the study that holds its winner instead. `final`: False while a later
+    trial may still beat `best` (a confirmation not done): then it is the best so far."""
     if confirmed_in is not None:
         which = (f"the {tune.confirm} with the smallest honest gap on the Pareto front"
                  if len(study.directions) > 1 and end == "gap" else f"the best {tune.confirm}")
@@ -172,7 +174,10 @@ def _study_note(study: optuna.Study, tune: Tune, best: optuna.trial.FrozenTrial 
                 "each trial's note says whether it is feasible.")
     else:
         gap = best.user_attrs.get("honest_gap", float("nan"))
-        body = (f"**Winner: trial {best.number}**, the best validation accuracy "
+        lead = (f"**Winner: trial {best.number}**" if final else
+                f"**Best so far: trial {best.number}** (no winner until every confirmation is "
+                "done)")
+        body = (f"{lead}, the best validation accuracy "
                 f"({_accuracy(best):.4f}) among trials with an honest gap within "
                 f"{tune.gap_limit} (its gap {gap:.4f}). The \"Best Trial\" shown here ignores "
                 "that constraint.")
@@ -206,13 +211,14 @@ def best(study: optuna.Study, end: str = "accuracy") -> optuna.trial.FrozenTrial
 
 
 def report(study: optuna.Study, tune: Tune, end: str | None = "accuracy", label: str = "study",
-           confirmed_in: str | None = None, title: str = "best trial"
+           confirmed_in: str | None = None, title: str = "best trial", final: bool = True
            ) -> optuna.trial.FrozenTrial | None:
     """Log the study report to the active (parent) run, its files under `label` (its metrics
     prefixed by it unless it is "study"); return its best trial (printed as `title`) or None.
     `end`: the end of a multi-objective study's Pareto front its best trial is taken from
     (None: the highest val accuracy, no end to choose). `confirmed_in`: the companion study
-    that confirms this one's best trials (confirmation.py)."""
+    that confirms this one's best trials (confirmation.py). `final`: False while a later trial
+    may beat the best one (a confirmation not done): the study's note says so."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     counts = _counts(study)
     prefix = "" if label == "study" else f"{label}_"
@@ -234,7 +240,7 @@ def report(study: optuna.Study, tune: Tune, end: str | None = "accuracy", label:
               else "; waiting: queued points that a rerun trains (a larger --n-trials once the "
                    "budget is spent)")
     print(f"tune: study {study.study_name!r}: {_summary(counts)}{queued}")
-    _study_note(study, tune, leader, confirmed_in, end)
+    _study_note(study, tune, leader, confirmed_in, end, final)
     if leader is None:
         if complete:
             trials = "confirmed trial" if label == "confirm" else "complete trial"
@@ -264,6 +270,26 @@ def point_of(trial: optuna.trial.FrozenTrial, tune: Tune) -> dict[str, Any]:
         {key: trial.params[key] for key in tune.space}, tune)
 
 
+WINNER_TAGS = ("optuna.best_trial", "optuna.best_study", "optuna.best_measured")
+WINNER_METRICS = ("best_val_accuracy", "best_honest_gap")
+
+
+def _forget_winner() -> None:
+    """Take an earlier winner off the active (parent) run once the study has none (a rerun
+    with a larger budget, a confirmation pending): its tags deleted, its `best_*` metrics
+    logged as NaN (MLflow keeps a metric's history), so that the runs table never shows a
+    winner the note denies."""
+    client = mlflow.tracking.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    data = client.get_run(run_id).data
+    for key in data.tags:
+        if key in WINNER_TAGS or key.startswith("best."):
+            client.delete_tag(run_id, key)
+    stale = [key for key in WINNER_METRICS if key in data.metrics]
+    if stale:
+        mlflow.log_metrics({key: float("nan") for key in stale})
+
+
 def declare(studies: list[optuna.Study], tune: Tune, winner: optuna.trial.FrozenTrial | None,
             holder: str, name: str, measured: str, why: str | None
             ) -> dict[str, Any] | None:
@@ -276,6 +302,7 @@ def declare(studies: list[optuna.Study], tune: Tune, winner: optuna.trial.Frozen
     trials = _summary(_counts(studies[0])) + "".join(
         f"; its confirmations: {_summary(_counts(study))}" for study in studies[1:])
     if winner is None:
+        _forget_winner()
         verdict = f"No winner: {why}."
         mlflow.set_tag(tracking.NOTE, f"Optuna study `{studies[0].study_name}`, one child run "
                        f"per trial ({trials}). {verdict}")

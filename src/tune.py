@@ -29,7 +29,7 @@ import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import get_args
 
@@ -198,6 +198,8 @@ def no_winner(run: Invocation, study: optuna.Study, companion: optuna.Study | No
         return "tune.confirm is 0: nothing is confirmed at the pipeline's length"
     if confirmation.pending(study, companion, tune, run.end):
         return "its confirmation is not done: a rerun does it"
+    if not companion.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return "the loss of every confirmation diverged"
     return f"no confirmed trial has an honest gap within tune.max_gap {tune.max_gap}"
 
 
@@ -214,8 +216,10 @@ def write_winner(run: Invocation, leader: optuna.trial.FrozenTrial | None, point
         point = study_report.point_of(leader, tune)
         measured = f"not confirmed: {run.short} only"
     if point is None:
-        print(f"tune: no winner: {why}"
-              + ("; nothing applied" if args.apply or args.apply_unconfirmed else ""))
+        if args.apply or args.apply_unconfirmed:
+            flag = "--apply" if args.apply else "--apply-unconfirmed"
+            raise cli.UserError(f"{flag}: no winner ({why}); params.yaml unchanged")
+        print(f"tune: no winner: {why}")
         return {}
     best_params = run.params.paths.best_params
     atomic.write_text(best_params, f"# measured: {measured}\n"
@@ -244,8 +248,9 @@ def tune(args: argparse.Namespace) -> dict:
     known, known_full = added_runs(run)  # before the studies: a new study starts with them
     fixed = fixed_params(run.raw, run.tune)  # what the trials train with besides their points
     study = make_study(run.tune, known, train_images=len(run.train), fixed=fixed)
+    run = with_budget(run, study)
     companion = None
-    if not run.full_length and (run.tune.confirm or known_full):
+    if not run.full_length and (run.tune.confirm or known_full or exists(run.confirming)):
         companion = make_study(run.confirming, known_full, train_images=len(run.full),
                                fixed=fixed)
     with tracking.run(run_id=parent_run_id(study, run.tune, experiment, len(run.train))):
@@ -255,6 +260,25 @@ def tune(args: argparse.Namespace) -> dict:
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
     return write_winner(run, leader, point, measured, why)
+
+
+BUDGET = "n_trials"  # the study's user attr: the budget of its last invocation that trained
+
+
+def with_budget(run: Invocation, study: optuna.Study) -> Invocation:
+    """An invocation that trains records its budget with the study; one that only reports
+    (`--report-only` without `--n-trials`) judges the study against that budget, not against
+    params.yaml's `tune.n_trials`: confirmation starts once the budget's trials are done, so
+    the other would call a study's winner pending (a study recorded no budget before: its
+    finished trials are its budget)."""
+    if not run.args.report_only:
+        study.set_user_attr(BUDGET, run.tune.n_trials)
+        return run
+    if run.args.n_trials is not None:
+        return run
+    n_trials = study.user_attrs.get(BUDGET) or len(
+        study.get_trials(deepcopy=False, states=FINISHED))
+    return replace(run, tune=run.tune.model_copy(update={"n_trials": n_trials}))
 
 
 def _winner_name(winner: optuna.trial.FrozenTrial | None, holder: optuna.Study) -> str:

@@ -6,6 +6,7 @@ The tiny project's pipeline trains 2 epochs on its 240 training images; the stud
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -95,6 +96,20 @@ def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_w
     assert len(load(short, "regularization").trials) == 3
     assert "confirming trials" not in again
 
+    # a report judges the study against the budget it ran to (3), not params.yaml's 20
+    declared = f"tune: winner: confirmed trial {confirmed.number}: val accuracy"
+    assert declared in tune(short, "--report-only", "--apply").stdout
+    # a larger budget: no winner until its trials are confirmed, and none left on the run
+    bigger = tune(short, "--report-only", "--n-trials", "4").stdout
+    assert "tune: no confirmed winner: its confirmation is not done: a rerun does it" in bigger
+    (parent,) = [r for r in runs(short) if "mlflow.parentRunId" not in r.data.tags]
+    assert not [key for key in parent.data.tags if key.startswith(("best.", "optuna.best_"))]
+    assert math.isnan(parent.data.metrics["best_val_accuracy"])
+    assert parent.data.tags["mlflow.note.content"].endswith(
+        "No winner: its confirmation is not done: a rerun does it.")
+    # with --confirm 0 the confirmations made still count
+    assert declared in tune(short, "--report-only", "--confirm", "0").stdout
+
 
 def test_apply_refuses_a_winner_measured_only_on_short_trials(short):
     before = (short / "params.yaml").read_text()
@@ -161,6 +176,40 @@ def test_a_confirmation_cut_by_the_timeout_is_queued_again_as_a_confirmation(tmp
     assert queued.user_attrs["confirms"] == 0 and queued.user_attrs["timed_out_trial"] == 0
     assert confirmation.queue(study, companion, tune_settings, "accuracy") == []  # held
     assert confirmation.budget(companion) == 1
+
+
+def test_a_confirmation_whose_loss_diverged_is_not_queued_again(tmp_path, monkeypatch):
+    """A diverging loss is the point's verdict: a rerun would diverge again, so the point is
+    not queued again (a dead worker's confirmation is) and the summary says what happened."""
+    import confirmation
+    import objective
+    from fitting import Diverged
+    from shared_study import make_study
+
+    raw, tune_settings, study, split = _tiny_study(tmp_path)
+    for value, dropout in ((0.5, 0.1), (0.6, 0.2)):
+        study.add_trial(optuna.trial.create_trial(
+            value=value, params={"model.dropout": dropout, "train.learning_rate": 0.01},
+            distributions=distributions(tune_settings.space)))
+    confirming = confirmation.companion(tune_settings, pipeline_epochs=2)
+    companion = make_study(confirming)
+    assert confirmation.queue(study, companion, tune_settings, "accuracy") == [1, 0]
+
+    def diverge(self, epoch, logs=None):
+        raise Diverged(f"loss became nan in epoch {epoch + 1}; nothing was saved")
+
+    monkeypatch.setattr(objective.Deadline, "on_epoch_end", diverge)
+    companion.optimize(objective.Objective(raw, confirming, split, split, None), n_trials=1,
+                       catch=(Diverged,))
+    died = companion.ask()  # the other: its worker dies, its retries spent
+    companion.tell(died, state=TrialState.FAIL)
+    diverged = companion.trials[0]
+    assert diverged.state == TrialState.FAIL
+    assert diverged.user_attrs["diverged"] == "loss became nan in epoch 1; nothing was saved"
+    assert confirmation.queue(study, companion, tune_settings, "accuracy") == [0]
+    assert confirmation.summary(study, companion, tune_settings) == [
+        "  regularization-confirm trial 0: trial 1 (0.6000, gap nan at the proxy) -> diverged: "
+        "loss became nan in epoch 1; nothing was saved"]
 
 
 def _tiny_study(tmp_path, **settings):

@@ -85,3 +85,13 @@ def test_the_accuracy_gap_figure_labels_the_winner_only(tmp_path, monkeypatch):
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     study_report._plots(study, complete, tmp_path, TUNE, best, "best trial")
     assert labels["accuracy_vs_gap.png"] == [f"trial {best.number}"] == ["trial 2"]
+
+
+def test_a_best_trial_that_a_pending_confirmation_may_beat_is_not_called_the_winner(tmp_path):
+    storage, study = study_with_gaps(tmp_path, [0.05, 0.3])
+    study_report._study_note(study, TUNE, study.trials[0], final=False)
+    note = api(storage, f"/api/studies/{study._study_id}")["note"]["body"]
+    assert note.startswith("**Best so far: trial 0** (no winner until every confirmation is "
+                           "done)")
+    assert "Winner" not in note
+

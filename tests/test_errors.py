@@ -107,11 +107,13 @@ def test_stores_that_are_not_databases_lock_nothing(url):
 ])
 def test_tune_on_a_store_it_cannot_use_is_one_line(project, storage, expected):
     sh("dvc", "repro", "preprocess", cwd=project)
-    result = sh("python", "src/tune.py", "--storage", storage, "--n-trials", "1", cwd=project,
-                check=False)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
+    for only_report in ([], ["--report-only"]):  # which looks for the study first
+        result = sh("python", "src/tune.py", "--storage", storage, "--n-trials", "1",
+                    *only_report, cwd=project, check=False)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(expected), \
+            result.stderr[-2000:]
 
 
 @pytest.mark.slow

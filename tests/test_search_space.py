@@ -310,6 +310,28 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     assert retry.params == {"model.dropout": orphan.params["model.dropout"]}
 
 
+def test_a_retry_of_a_trial_that_passed_a_rung_meets_the_rung_again(tmp_path):
+    """A dead worker's trial had passed the first rung. Its retry trains from epoch 1, so it must
+    compete at that rung again: Optuna's retry copies the dead trial's rungs, and with them the
+    pruner would wait for a rung past the trial's end and never prune the retry."""
+    tune = parse_tune(with_overrides(RAW, {
+        **NO_STARTING_POINTS, "tune.storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "tune.pruner": "hyperband", "tune.min_epochs": 2, "tune.epochs": 6,
+        "tune.heartbeat_interval": 1, "tune.grace_period": 1, "tune.max_retry": 1}))
+    study = make_study(tune)
+    dead = study.ask()
+    sample(dead, tune.space)
+    Pruning(dead).on_epoch_end(1, {"val_accuracy": 0.5})  # epoch 2: the first rung
+    assert "completed_rung_0" in study.trials[0].system_attrs
+    getattr(study._storage, "_backend", study._storage).record_heartbeat(dead._trial_id)
+    time.sleep(2.5)  # its worker is silent past the grace period (whole seconds in SQLite)
+    optuna.storages.fail_stale_trials(study)
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert retry.state == optuna.trial.TrialState.WAITING
+    assert retry.params == dead.params
+    assert not [key for key in retry.system_attrs if key.startswith("completed_rung")]
+
+
 def test_a_worker_whose_trial_was_failed_as_stale_while_it_trained_goes_on(tmp_path, capsys):
     """A worker paused longer than the grace period (suspended, swapping) finds its trial
     failed by another worker, which queued its retry: Optuna refuses its result; the worker

@@ -145,6 +145,27 @@ def test_with_no_feasible_trial_there_is_no_winner():
     assert study_report.best(study) is None
 
 
+@pytest.mark.parametrize("flag", ["apply", "apply_unconfirmed"])
+def test_apply_with_no_winner_at_all_is_an_error(flag, capsys):
+    """`tune.py --apply && dvc repro` must not go on with params.yaml as it was."""
+    import argparse
+    from types import SimpleNamespace
+
+    import tune as tune_script
+    from cli import UserError
+
+    args = argparse.Namespace(apply=flag == "apply", apply_unconfirmed=flag != "apply")
+    run = SimpleNamespace(args=args, tune=parse_tune(REAL), full_length=False)
+    why = "no complete trial has an honest gap within 0.05"
+    with pytest.raises(UserError) as refused:
+        tune_script.write_winner(run, None, None, "", why)
+    option = "--" + flag.replace("_", "-")
+    assert str(refused.value) == f"{option}: no winner ({why}); params.yaml unchanged"
+    args.apply = args.apply_unconfirmed = False  # without it, a line and nothing else
+    assert tune_script.write_winner(run, None, None, "", why) == {}
+    assert capsys.readouterr().out == f"tune: no winner: {why}\n"
+
+
 VARIANTS = [{"augment.crop": 0}]
 
 
