@@ -255,7 +255,9 @@ def test_survivors_wait_for_a_dead_worker_s_trial_then_retry_it(tuned, database,
     logs = [tmp_path / f"worker-{index}.log" for index in range(3)]
     workers = [start(command, tuned, log) for log in logs]
     try:
-        running = wait_for(lambda: len(trials_if_any(database, (TrialState.RUNNING,))) == 3,
+        # with their points drawn: a trial is RUNNING a moment before its objective samples
+        running = wait_for(lambda: len([t for t in trials_if_any(database, (TrialState.RUNNING,))
+                                        if t.params]) == 3,
                            "three trials running at once", workers[0], logs[0], timeout=600)
         assert running
         os.killpg(workers[0].pid, signal.SIGKILL)
