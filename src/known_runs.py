@@ -160,6 +160,23 @@ def add(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
         print(f"tune: run {trial.user_attrs['added_run']} ({run_id}) added as trial {number}: "
               f"val accuracy {trial.user_attrs['val_accuracy_final']:.4f}, "
               f"honest gap {trial.user_attrs['honest_gap']:.4f}")
+        for queued in cancel_queued(study, trial.params, trial.user_attrs["added_run"]):
+            print(f"tune: trial {queued} of {study.study_name!r}, queued to train the same "
+                  f"point, is cancelled: the run {trial.user_attrs['added_run']} is that point")
+
+
+def cancel_queued(study: optuna.Study, point: dict, run_name: str) -> list[int]:
+    """Fail the study's queued (WAITING) trials of `point`, which an added run now holds: a
+    queued confirmation of the point, or an enqueued starting point, would train it again.
+    Each keeps a `superseded_by` user attr naming the run. Call it under the study lock, where
+    no worker takes a queued trial meanwhile; returns their numbers."""
+    cancelled = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if trial.system_attrs.get("fixed_params") == point:
+            study._storage.set_trial_user_attr(trial._trial_id, "superseded_by", run_name)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            cancelled.append(trial.number)
+    return cancelled
 
 
 def replay(study: optuna.Study, trial: FrozenTrial) -> int:

@@ -49,6 +49,27 @@ def test_an_added_run_is_a_complete_trial_of_single_and_multi_objective_studies(
     assert added.intermediate_values == curve and added.params == point
 
 
+def test_an_added_run_cancels_the_queued_trial_of_its_point_and_no_other():
+    """A confirmation queued (WAITING) for a point, then a finished run of that point added:
+    the run is the confirmation, so the queued one is cancelled rather than trained twice."""
+    tune = parse_tune(REAL)
+    study = optuna.create_study(direction="maximize")
+    point = dict(tune.recipe)
+    other = {**point, "model.dropout": 0.1}
+    study.enqueue_trial(point)
+    study.enqueue_trial(other)
+    run = optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=0.85, params=point,
+        distributions=distributions(tune.space),
+        user_attrs={"pipeline_run_id": "0" * 32, "added_run": "a-run", "honest_gap": 0.07,
+                    "val_accuracy_final": 0.85})
+    known_runs.add(study, [run])
+    queued, queued_other, added = study.trials
+    assert queued.state == TrialState.FAIL and queued.user_attrs["superseded_by"] == "a-run"
+    assert queued_other.state == TrialState.WAITING
+    assert added.state == TrialState.COMPLETE and added.params == point
+
+
 def logged(overrides: dict, code: str | None = None) -> SimpleNamespace:
     """A pipeline run of the real params with `overrides`, its params as train.py logs them,
     trained by this training code (or the one `code` names)."""
