@@ -20,6 +20,10 @@ confirms from), over all configurations and over those inside the space (the ran
 trials depend on), and how much the honest gap grows from the preset to 50 epochs (the median
 ratio: what `tune.gap_growth` holds). It asserts nothing.
 
+`--json FILE` is written after each configuration and read back by the next invocation: the
+configurations it holds (measured under the same preset) are not trained again, so a run killed
+part-way resumes where it stopped.
+
 `--stopped-at K` trains nothing: it ranks the configurations by their own 50-epoch run's
 validation accuracy at epoch K (`val_curve` in CONFIGS.yaml), what a study of full-length trials
 sees when it stops (prunes) them there; K/50 of a full run's cost, no honest gap (that needs the
@@ -29,6 +33,8 @@ stopped model).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -93,7 +99,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="names of the configurations to train")
     parser.add_argument("--stopped-at", type=int, metavar="K",
                         help="train nothing: rank by each full run's val accuracy at epoch K")
-    parser.add_argument("--json", help="also write the table to this JSON file")
+    parser.add_argument("--json", help="also write the table to this JSON file (after each "
+                        "configuration; one of the same preset is resumed)")
     args = parser.parse_args()
     if args.stopped_at:
         return stopped_at(args)
@@ -101,22 +108,30 @@ def main() -> None:
     tune = parse_tune(raw)
     epochs, limit = args.epochs or tune.epochs, args.train_limit or tune.train_limit
     rows = []
+    earlier = resumed(args.json, epochs, limit)
     for name, config in read_yaml(args.configs).items():
         if args.only and name not in args.only:
             continue
         preset = measured_preset(config, epochs, limit)
-        if preset is None:
+        if name in earlier:
+            print(f"fidelity: {name}: preset figures from {args.json}, an earlier invocation")
+            scores = {key: earlier[name][key] for key in PRESET_COLUMNS}
+        elif preset is None:
             print(f"fidelity: {name}: {epochs} epochs on {limit or 'all'} images", flush=True)
             scores = preset_scores(raw, config["overrides"], epochs, limit)
         else:
             print(f"fidelity: {name}: preset figures from {preset['source']}")
             scores = {"preset_val_accuracy": preset["val_accuracy"],
                       "preset_honest_gap": preset["honest_gap"],
-                      "cpu_minutes": preset.get("cpu_minutes"),
-                      "wall_minutes": preset.get("wall_minutes")}
+                      "cpu_minutes": preset.get("cpu_minutes", math.nan),
+                      "wall_minutes": preset.get("wall_minutes", math.nan)}
         rows.append({"name": name, **scores, "test_accuracy_50": config["test_accuracy"],
                      "honest_gap_50": config["honest_gap"],
                      "in_space": in_space(raw, config["overrides"], tune)})
+        if args.json:  # after each configuration: a run killed later keeps it
+            kept = [row for other, row in earlier.items() if other not in _names(rows)]
+            atomic.write_json(args.json, {"epochs": epochs, "train_limit": limit, "rows":
+                                          pd.DataFrame([*rows, *kept]).to_dict("records")})
     table = pd.DataFrame(rows).set_index("name")
     print(table.to_string(float_format="%.4f"))
     report_spearman(table, {"accuracy": ("preset_val_accuracy", "test_accuracy_50"),
@@ -128,9 +143,27 @@ def main() -> None:
     if table["cpu_minutes"].notna().any():
         print(f"cost per trial: {table['cpu_minutes'].mean():.1f} CPU minutes, "
               f"{table['wall_minutes'].mean():.1f} wall minutes (mean over the trials timed)")
-    if args.json:
-        atomic.write_json(args.json, {"epochs": epochs, "train_limit": limit,
-                                      "rows": table.reset_index().to_dict("records")})
+
+
+PRESET_COLUMNS = ("preset_val_accuracy", "preset_honest_gap", "cpu_minutes", "wall_minutes")
+
+
+def resumed(path: str | None, epochs: int, limit: int | None) -> dict[str, dict]:
+    """The rows an earlier invocation wrote to `path` (`--json`), by name: none where there is
+    no such file. One written for another preset is an error: it is not this run's to resume
+    or to overwrite."""
+    if not path or not Path(path).exists():
+        return {}
+    earlier = json.loads(Path(path).read_text())
+    if (earlier.get("epochs"), earlier.get("train_limit")) != (epochs, limit):
+        raise cli.UserError(f"--json {path} holds {earlier.get('epochs')} epochs on "
+                            f"{earlier.get('train_limit') or 'all'} images, not {epochs} on "
+                            f"{limit or 'all'}: name another file")
+    return {row["name"]: row for row in earlier.get("rows", [])}
+
+
+def _names(rows: list[dict]) -> set[str]:
+    return {row["name"] for row in rows}
 
 
 def report_spearman(table: pd.DataFrame, pairs: dict[str, tuple]) -> None:

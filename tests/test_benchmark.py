@@ -78,13 +78,21 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
                        "{val_accuracy: 0.123, honest_gap: 0.045, epochs: 2, train_limit: 120, "
                        "source: a longer trial}]}\n")
     out = project / "fidelity.json"
-    result = sh(sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), str(configs),
+    script = str(ROOT / "benchmarks" / "fidelity.py")
+    sh(sys.executable, script, str(configs), "--epochs", "1", "--train-limit", "120",
+       "--only", "a", "--json", str(out), cwd=project)  # a first invocation, cut short
+    (first,) = json.loads(out.read_text())["rows"]
+    result = sh(sys.executable, script, str(configs),
                 "--epochs", "1", "--train-limit", "120", "--json", str(out), cwd=project)
     assert "Spearman rank correlation over 5 configurations (all)" in result.stdout
+    # the next one resumes it: a is not trained again
+    assert f"fidelity: a: preset figures from {out}, an earlier invocation" in result.stdout
     assert "fidelity: e: preset figures from a trial" in result.stdout
     assert "fidelity: f: 1 epochs on 120 images" in result.stdout  # measured under another preset
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["a", "b", "c", "d", "e", "f"]
+    assert rows["a"]["preset_val_accuracy"] == first["preset_val_accuracy"]
+    assert rows["a"]["cpu_minutes"] == first["cpu_minutes"]
     assert all(0 <= row["preset_val_accuracy"] <= 1 for row in rows.values())
     assert (rows["e"]["preset_val_accuracy"], rows["e"]["preset_honest_gap"]) == (0.123, 0.045)
     assert rows["f"]["preset_val_accuracy"] != 0.123
@@ -92,6 +100,14 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
     assert rows["a"]["cpu_minutes"] > 0 and rows["a"]["wall_minutes"] > 0
     assert math.isnan(rows["e"]["cpu_minutes"])
     assert "cost per trial: " in result.stdout
+    other = subprocess.run([sys.executable, script, str(configs), "--epochs", "2",
+                            "--train-limit", "120", "--json", str(out)],
+                           cwd=project, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"fidelity: error: --json {out} holds 1 epochs on 120 images, not 2 on 120: name "
+        "another file")
+    assert len(json.loads(out.read_text())["rows"]) == 6  # left as it was
 
 
 def test_fidelity_ranks_accuracy_by_the_preset_s_gap_too(tmp_path):
