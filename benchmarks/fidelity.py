@@ -109,6 +109,7 @@ def main() -> None:
     epochs, limit = args.epochs or tune.epochs, args.train_limit or tune.train_limit
     rows = []
     earlier = resumed(args.json, epochs, limit)
+    written = dict(earlier)  # the --json file's rows by name: this run's replace earlier ones
     for name, config in read_yaml(args.configs).items():
         if args.only and name not in args.only:
             continue
@@ -128,10 +129,10 @@ def main() -> None:
         rows.append({"name": name, **scores, "test_accuracy_50": config["test_accuracy"],
                      "honest_gap_50": config["honest_gap"],
                      "in_space": in_space(raw, config["overrides"], tune)})
+        written[name] = rows[-1]
         if args.json:  # after each configuration: a run killed later keeps it
-            kept = [row for other, row in earlier.items() if other not in _names(rows)]
             atomic.write_json(args.json, {"epochs": epochs, "train_limit": limit, "rows":
-                                          pd.DataFrame([*rows, *kept]).to_dict("records")})
+                                          pd.DataFrame(written.values()).to_dict("records")})
     table = pd.DataFrame(rows).set_index("name")
     print(table.to_string(float_format="%.4f"))
     report_spearman(table, {"accuracy": ("preset_val_accuracy", "test_accuracy_50"),
@@ -160,10 +161,6 @@ def resumed(path: str | None, epochs: int, limit: int | None) -> dict[str, dict]
                             f"{earlier.get('train_limit') or 'all'} images, not {epochs} on "
                             f"{limit or 'all'}: name another file")
     return {row["name"]: row for row in earlier.get("rows", [])}
-
-
-def _names(rows: list[dict]) -> set[str]:
-    return {row["name"] for row in rows}
 
 
 def report_spearman(table: pd.DataFrame, pairs: dict[str, tuple]) -> None:
