@@ -47,11 +47,12 @@ import backend  # noqa: E402, F401  (first: sets KERAS_BACKEND from params.yaml)
 # isort: split
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import atomic  # noqa: E402
 import cli  # noqa: E402
-from cifar import Split, load_split  # noqa: E402
+from cifar import TRAIN_IMAGES, Split, load_split  # noqa: E402
 from fitting import fit  # noqa: E402
 from params import flatten, parse_params, parse_tune, read_yaml, with_overrides  # noqa: E402
 from scoring import final_scores  # noqa: E402
@@ -73,6 +74,21 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
     return {"preset_val_accuracy": val_accuracy, "preset_honest_gap": gap,
             "cpu_minutes": (time.process_time() - cpu) / 60,
             "wall_minutes": (time.monotonic() - wall) / 60}
+
+
+def trained_images(raw: dict, limit: int | None) -> int:
+    """How many images a trial under `limit` trains on: the first `limit`, all of the training
+    split where `limit` is empty or larger, so that `train_limit: 40000` and an empty one name the
+    same preset. The split's size is the preprocessed one's, or, before `dvc repro preprocess`,
+    the official archive's less `data.val_size`."""
+    params = parse_params(raw)
+    path = Path(params.paths.processed) / "train.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as arrays:
+            total = len(arrays["labels"])
+    else:
+        total = TRAIN_IMAGES - params.data.val_size
+    return min(limit or total, total)
 
 
 def in_space(raw: dict, overrides: dict, tune) -> bool:
@@ -106,7 +122,8 @@ def main() -> None:
         return stopped_at(args)
     raw = read_yaml("params.yaml")
     tune = parse_tune(raw)
-    epochs, limit = args.epochs or tune.epochs, args.train_limit or tune.train_limit
+    epochs = args.epochs or tune.epochs
+    limit = trained_images(raw, args.train_limit or tune.train_limit)
     rows = []
     earlier = resumed(args.json, epochs, limit)
     written = dict(earlier)  # the --json file's rows by name: this run's replace earlier ones
@@ -140,7 +157,8 @@ def main() -> None:
                             # the ranking a multi-objective study's gap end confirms from
                             "accuracy by the smallest preset gap":
                                 ("preset_honest_gap", "test_accuracy_50", -1)})
-    report_gap_growth(table, tune, (epochs, limit) == (tune.epochs, tune.train_limit))
+    report_gap_growth(table, tune,
+                      (epochs, limit) == (tune.epochs, trained_images(raw, tune.train_limit)))
     if table["cpu_minutes"].notna().any():
         print(f"cost per trial: {table['cpu_minutes'].mean():.1f} CPU minutes, "
               f"{table['wall_minutes'].mean():.1f} wall minutes (mean over the trials timed)")

@@ -26,6 +26,7 @@ RECORD_BYTES = 1 + 32 * 32 * 3
 FOLDER = "cifar-10-batches-bin"
 TRAIN_MEMBERS = tuple(f"{FOLDER}/data_batch_{i}.bin" for i in range(1, 6))
 TEST_MEMBER = f"{FOLDER}/test_batch.bin"
+TRAIN_IMAGES = 50_000  # the official archive's five training batches of 10000
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +110,16 @@ def test_fidelity_ranks_configurations_under_the_preset(project):
         f"fidelity: error: --json {out} holds 1 epochs on 120 images, not 2 on 120: name "
         "another file")
     assert len(json.loads(out.read_text())["rows"]) == 6  # left as it was
+    # a limit over the split's size (or none) is all of it: a preset measured on all of it
+    # under its number counts, nothing trains
+    with np.load(project / "data" / "processed" / "train.npz") as arrays:
+        size = len(arrays["labels"])
+    configs.write_text(f"g: {{overrides: {{}}, test_accuracy: 0.6, honest_gap: 0.3, presets: ["
+                       f"{{val_accuracy: 0.4, honest_gap: 0.05, epochs: 1, train_limit: {size}, "
+                       f"source: all images}}]}}\n")
+    everything = sh(sys.executable, script, str(configs), "--epochs", "1",
+                    "--train-limit", str(size + 1000), cwd=project)
+    assert "fidelity: g: preset figures from all images" in everything.stdout
 
 
 def test_fidelity_ranks_accuracy_by_the_preset_s_gap_too(tmp_path):
@@ -204,3 +216,37 @@ def test_seeds_runs_each_seed_as_an_experiment_and_reports_mean_and_sd(project):
     assert again.count("already run, its metrics read back") == 2
     refused = sh(sys.executable, script, "--seeds", "3", "-S", "seed=5", cwd=project, check=False)
     assert refused.returncode != 0 and "the seeds come from --seeds" in refused.stderr
+
+
+def test_the_default_tune_preset_is_the_measured_one_that_ranks_best():
+    """`tune.epochs` on `tune.train_limit` images is, of the presets measured in
+    docs/fidelity/configs.yaml on every configuration a study can sample, the one whose short
+    validation accuracy ranks them best as their 50-epoch runs (Spearman >= 0.8, the goal), and
+    `tune.gap_growth` is no more than the smallest growth of the honest gap measured from it to
+    50 epochs: the scaled limit drops no short trial that would end within max_gap."""
+    import importlib.util
+
+    from params import parse_tune, read_yaml
+
+    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks/fidelity.py")
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    raw = read_yaml(ROOT / "params.yaml")
+    tune = parse_tune(raw)
+    configs = read_yaml(ROOT / "docs/fidelity/configs.yaml")
+    inside = [name for name, config in configs.items()
+              if fidelity.in_space(raw, config["overrides"], tune)]
+    assert len(inside) >= 7
+    measured: dict[tuple, list] = {}
+    for name in inside:
+        for preset in configs[name].get("presets") or []:
+            measured.setdefault((preset["epochs"], preset["train_limit"]), []).append(
+                {"short": preset["val_accuracy"], "full": configs[name]["test_accuracy"],
+                 "growth": configs[name]["honest_gap"] / preset["honest_gap"]})
+    spearman = {preset: pd.DataFrame(rows)["short"].corr(pd.DataFrame(rows)["full"], "spearman")
+                for preset, rows in measured.items() if len(rows) == len(inside)}
+    assert len(spearman) >= 3  # today's default and at least two candidates
+    default = (tune.epochs, fidelity.trained_images(raw, tune.train_limit))
+    assert default in spearman, f"{default} not measured on every configuration in the space"
+    assert spearman[default] >= 0.8 and spearman[default] == max(spearman.values()), spearman
+    assert tune.gap_growth <= min(row["growth"] for row in measured[default])

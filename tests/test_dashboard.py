@@ -15,7 +15,8 @@ import study_report
 from conftest import ROOT
 from params import parse_tune, read_yaml, with_overrides
 
-TUNE = parse_tune(with_overrides(read_yaml(ROOT / "params.yaml"), {"tune.max_gap": 0.1}))
+TUNE = parse_tune(with_overrides(read_yaml(ROOT / "params.yaml"),
+                                  {"tune.max_gap": 0.1, "tune.gap_growth": 1.6}))
 
 
 def api(storage: str, path: str) -> dict:

@@ -34,7 +34,8 @@ def tuned(project):
     # no gap limit: a tiny model's gap says nothing (tests/test_tune_goal.py tests the limit)
     update_yaml(project / "params.yaml", {"tune.space": SMALL_SPACE, **NO_STARTING_POINTS,
                                           "tune.pruner": "none", "tune.max_gap": None,
-                                          "tune.lr_reference_batch": None})
+                                          "tune.lr_reference_batch": None,
+                                          "tune.train_limit": 4000})  # more than the project has
     return project
 
 
