@@ -76,18 +76,21 @@ def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) ->
             "wall_minutes": (time.monotonic() - wall) / 60}
 
 
-def trained_images(raw: dict, limit: int | None) -> int:
-    """How many images a trial under `limit` trains on: the first `limit`, all of the training
-    split where `limit` is empty or larger, so that `train_limit: 40000` and an empty one name the
-    same preset. The split's size is the preprocessed one's, or, before `dvc repro preprocess`,
+def split_size(raw: dict) -> int:
+    """The training split's size: the preprocessed one's, or, before `dvc repro preprocess`,
     the official archive's less `data.val_size`."""
     params = parse_params(raw)
     path = Path(params.paths.processed) / "train.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as arrays:
-            total = len(arrays["labels"])
-    else:
-        total = TRAIN_IMAGES - params.data.val_size
+    if not path.is_file():
+        return TRAIN_IMAGES - params.data.val_size
+    with np.load(path, allow_pickle=False) as arrays:
+        return len(arrays["labels"])
+
+
+def trained_images(limit: int | None, total: int) -> int:
+    """How many images a trial under `limit` trains on: the first `limit`, all `total` where
+    `limit` is empty or larger, so that `train_limit: 40000` and an empty one name the same
+    preset."""
     return min(limit or total, total)
 
 
@@ -123,7 +126,8 @@ def main() -> None:
     raw = read_yaml("params.yaml")
     tune = parse_tune(raw)
     epochs = args.epochs or tune.epochs
-    limit = trained_images(raw, args.train_limit or tune.train_limit)
+    total = split_size(raw)
+    limit = trained_images(args.train_limit or tune.train_limit, total)
     rows = []
     earlier = resumed(args.json, epochs, limit)
     written = dict(earlier)  # the --json file's rows by name: this run's replace earlier ones
@@ -158,7 +162,7 @@ def main() -> None:
                             "accuracy by the smallest preset gap":
                                 ("preset_honest_gap", "test_accuracy_50", -1)})
     report_gap_growth(table, tune,
-                      (epochs, limit) == (tune.epochs, trained_images(raw, tune.train_limit)))
+                      (epochs, limit) == (tune.epochs, trained_images(tune.train_limit, total)))
     if table["cpu_minutes"].notna().any():
         print(f"cost per trial: {table['cpu_minutes'].mean():.1f} CPU minutes, "
               f"{table['wall_minutes'].mean():.1f} wall minutes (mean over the trials timed)")

@@ -246,7 +246,7 @@ def test_the_default_tune_preset_is_the_measured_one_that_ranks_best():
     spearman = {preset: pd.DataFrame(rows)["short"].corr(pd.DataFrame(rows)["full"], "spearman")
                 for preset, rows in measured.items() if len(rows) == len(inside)}
     assert len(spearman) >= 3  # today's default and at least two candidates
-    default = (tune.epochs, fidelity.trained_images(raw, tune.train_limit))
+    default = (tune.epochs, fidelity.trained_images(tune.train_limit, fidelity.split_size(raw)))
     assert default in spearman, f"{default} not measured on every configuration in the space"
     assert spearman[default] >= 0.8 and spearman[default] == max(spearman.values()), spearman
     assert tune.gap_growth <= min(row["growth"] for row in measured[default])
