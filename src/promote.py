@@ -37,18 +37,17 @@ def promote(args: argparse.Namespace) -> str:
         chosen = registry.best_version(name, max_gap)
         why = (f"best validation accuracy with honest gap <= tune.max_gap {max_gap}"
                if max_gap is not None else "best validation accuracy")
-    else:
-        chosen, why = None, "as asked"
-    version = str(args.version) if args.version is not None else chosen.version
+    else:  # a version that is not there is refused, by a dry run too
+        chosen, why = registry.version(name, args.version), "as asked"
     before = registry.champion(name)
     if args.dry_run:
-        if before is not None and str(before.version) == str(version):
+        if before is not None and str(before.version) == str(chosen.version):
             print(f"promote: {name}@{registry.ALIAS} would stay at {_line(before)} ({why})")
         else:
             print(f"promote: would move {name}@{registry.ALIAS} from "
-                  f"{_line(before) if before else 'nowhere'} to version {version} ({why})")
-        return version
-    before, after = registry.promote(name, version)
+                  f"{_line(before) if before else 'nowhere'} to {_line(chosen)} ({why})")
+        return chosen.version
+    before, after = registry.promote(name, chosen.version)
     if before is not None and before.version == after.version:
         print(f"promote: {name}@{registry.ALIAS} stays at {_line(after)} ({why})")
     else:

@@ -118,14 +118,18 @@ def best_version(name: str, max_gap: float | None) -> ModelVersion:
     return max(candidates, key=lambda c: c[:3])[3]
 
 
-def promote(name: str, version: str) -> tuple[ModelVersion | None, ModelVersion]:
-    """Point `champion` at `version`; return (the previous champion, the new one)."""
-    client = mlflow.tracking.MlflowClient()
+def version(name: str, number: str | int) -> ModelVersion:
+    """Version `number` of `name`; a one-line error naming the versions there are if none."""
     try:
-        target = client.get_model_version(name, str(version))
+        return mlflow.tracking.MlflowClient().get_model_version(name, str(number))
     except MlflowException:
         known = ", ".join(str(v.version) for v in versions(name)) or "none"
-        raise UserError(f"{name!r} has no version {version} (versions: {known})") from None
+        raise UserError(f"{name!r} has no version {number} (versions: {known})") from None
+
+
+def promote(name: str, number: str | int) -> tuple[ModelVersion | None, ModelVersion]:
+    """Point `champion` at version `number`; return (the previous champion, the new one)."""
+    target = version(name, number)
     before = champion(name)
-    client.set_registered_model_alias(name, ALIAS, target.version)
+    mlflow.tracking.MlflowClient().set_registered_model_alias(name, ALIAS, target.version)
     return before, target

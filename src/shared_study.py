@@ -174,8 +174,11 @@ def make_study(tune: Tune, known: Sequence[optuna.trial.FrozenTrial] = (),
                                     sampler=sampler, pruner=make_pruner(tune),
                                     directions=directions, load_if_exists=True)
         if [d.name.lower() for d in study.directions] != directions:
-            raise cli.StageError(f"study {tune.study_name!r} exists with other objectives; "
-                                 "use --study-name for a new one")
+            made = json.dumps(len(study.directions) > 1)
+            raise cli.UserError(
+                f"study {tune.study_name!r} was made with tune.multi_objective {made}, this "
+                f"invocation has {json.dumps(tune.multi_objective)}: use the study's value, or "
+                "--study-name for a new study")
         if study.metric_names != metric_names(tune):  # shown by optuna-dashboard and plots
             study.set_metric_names(metric_names(tune))
         check_identity(study, tune, train_images, fixed)

@@ -319,12 +319,13 @@ def invocation_tags(tune: Tune, train_images: int) -> dict[str, str]:
 
 def winner_commands(best: dict, trial_epochs: int, trial_images: int, pipeline_images: int,
                     pipeline_epochs: int) -> list[str]:
-    """The commands that train the winner: as its trial trained (its epochs and the images it
-    actually used, which may be fewer than `tune.train_limit`) and at the pipeline's length."""
+    """The commands that train the winner: at the proxy's length (its epochs and the images a
+    trial actually used, which may be fewer than `tune.train_limit`) and at the pipeline's
+    length."""
     trial_length = {"train.epochs": trial_epochs}
     if trial_images != pipeline_images:
         trial_length["data.train_limit"] = trial_images
-    return [f"the winner as its trial trained ({trial_epochs} epochs, {trial_images} images): "
+    return [f"the winner at the proxy's length ({trial_epochs} epochs, {trial_images} images): "
             f"{exp_run_command({**best, **trial_length})}",
             f"the winner at the pipeline's length ({pipeline_epochs} epochs, {pipeline_images} "
             f"images): {exp_run_command(best)}"]

@@ -95,10 +95,12 @@ def test_promote_moves_the_champion_by_validation_accuracy_and_back(registered):
     back = sh(sys.executable, "src/promote.py", "--version", "1", cwd=project).stdout
     assert champion(project) == 1
     assert ("stays at version 1" if best == 1 else "to version 1") in back
-    missing = sh(sys.executable, "src/promote.py", "--version", "9", cwd=project, check=False)
-    assert missing.returncode == 1
-    assert missing.stderr.strip() == (f"promote: error: '{NAME}' has no version 9 "
-                                      "(versions: 1, 2)")
+    for dry_run in ([], ["--dry-run"]):  # a dry run refuses it as the move would
+        missing = sh(sys.executable, "src/promote.py", "--version", "9", *dry_run, cwd=project,
+                     check=False)
+        assert missing.returncode == 1
+        assert missing.stderr.strip() == (f"promote: error: '{NAME}' has no version 9 "
+                                          "(versions: 1, 2)")
 
 
 def free_port() -> int:

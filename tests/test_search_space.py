@@ -194,7 +194,9 @@ def test_a_study_refuses_an_invocation_that_changes_what_its_trials_mean(tmp_pat
                ({"seed": 1}, {}, "seed 42, this invocation has 1"),
                ({"data.md5": "0" * 32}, {}, f'data.md5 "{RAW["data"]["md5"]}", this invocation '
                                            f'has "{"0" * 32}"'),
-               ({"model.l2": 0.001}, {}, "model.l2 0.0, this invocation has 0.001")]
+               ({"model.l2": 0.001}, {}, "model.l2 0.0, this invocation has 0.001"),
+               ({"tune.multi_objective": True}, {}, "tune.multi_objective false, this "
+                                                    "invocation has true")]
     for keys, flags, message in changes:
         with pytest.raises(UserError) as refused:
             changed = with_overrides(raw, keys)

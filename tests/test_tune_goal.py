@@ -24,7 +24,7 @@ def test_the_winner_s_command_trains_the_images_its_trial_used():
     as_trial, at_length = winner_commands({"model.dropout": 0.3}, trial_epochs=10,
                                           trial_images=400, pipeline_images=400,
                                           pipeline_epochs=50)
-    assert as_trial == ("the winner as its trial trained (10 epochs, 400 images): "
+    assert as_trial == ("the winner at the proxy's length (10 epochs, 400 images): "
                         "dvc exp run -S model.dropout=0.3 -S train.epochs=10")
     assert at_length == ("the winner at the pipeline's length (50 epochs, 400 images): "
                          "dvc exp run -S model.dropout=0.3")
