@@ -14,7 +14,8 @@ working directory: run it where params.yaml holds the defaults, not after `dvc e
 applied an experiment to the workspace. The script prints each one's validation accuracy and honest
 gap under the preset beside its 50-epoch figures, its cost (CPU and wall minutes), whether a
 study of today's `tune.space` can sample it, and the Spearman rank correlations of preset
-validation accuracy with 50-epoch test accuracy, of the two gaps, and of the preset's gap
+validation accuracy with 50-epoch test accuracy and with 50-epoch validation accuracy (what a
+preset is chosen on), of the two gaps, and of the preset's gap
 (smallest first) with 50-epoch test accuracy (what a multi-objective study's `--front-end gap`
 confirms from), over all configurations and over those inside the space (the ranking a study's
 trials depend on), and how much the honest gap grows from the preset to 50 epochs (the median
@@ -110,28 +111,46 @@ def measured_preset(config: dict, epochs: int, limit: int | None) -> dict | None
     return None
 
 
+def positive(text: str) -> int:
+    """An argument that counts epochs or images: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="?", default=str(ROOT / "docs/fidelity/configs.yaml"))
-    parser.add_argument("--epochs", type=int, help="epochs per configuration (tune.epochs)")
-    parser.add_argument("--train-limit", type=int, help="training images (tune.train_limit)")
+    parser.add_argument("--epochs", type=positive, help="epochs per configuration (tune.epochs)")
+    parser.add_argument("--train-limit", type=positive,
+                        help="training images (tune.train_limit)")
     parser.add_argument("--only", nargs="*", help="names of the configurations to train")
-    parser.add_argument("--stopped-at", type=int, metavar="K",
+    parser.add_argument("--stopped-at", type=positive, metavar="K",
                         help="train nothing: rank by each full run's val accuracy at epoch K")
     parser.add_argument("--json", help="also write the table to this JSON file (after each "
                         "configuration; one of the same preset is resumed)")
     args = parser.parse_args()
-    if args.stopped_at:
+    if args.stopped_at is not None:
         return stopped_at(args)
     raw = read_yaml("params.yaml")
     tune = parse_tune(raw)
-    epochs = args.epochs or tune.epochs
+    epochs = args.epochs if args.epochs is not None else tune.epochs
     total = split_size(raw)
-    limit = trained_images(args.train_limit or tune.train_limit, total)
+    limit = trained_images(args.train_limit if args.train_limit is not None
+                           else tune.train_limit, total)
+    configs = read_yaml(args.configs)
+    unknown = sorted(set(args.only or ()) - set(configs))
+    if unknown:
+        raise cli.UserError(f"--only {' '.join(unknown)}: not in {args.configs} (it has "
+                            f"{', '.join(configs)})")
     rows = []
     earlier = resumed(args.json, epochs, limit)
     written = dict(earlier)  # the --json file's rows by name: this run's replace earlier ones
-    for name, config in read_yaml(args.configs).items():
+    for name, config in configs.items():
         if args.only and name not in args.only:
             continue
         preset = measured_preset(config, epochs, limit)
@@ -148,6 +167,7 @@ def main() -> None:
                       "cpu_minutes": preset.get("cpu_minutes", math.nan),
                       "wall_minutes": preset.get("wall_minutes", math.nan)}
         rows.append({"name": name, **scores, "test_accuracy_50": config["test_accuracy"],
+                     "val_accuracy_50": config.get("val_accuracy", math.nan),
                      "honest_gap_50": config["honest_gap"],
                      "in_space": in_space(raw, config["overrides"], tune)})
         written[name] = rows[-1]
@@ -157,6 +177,8 @@ def main() -> None:
     table = pd.DataFrame(rows).set_index("name")
     print(table.to_string(float_format="%.4f"))
     report_spearman(table, {"accuracy": ("preset_val_accuracy", "test_accuracy_50"),
+                            # what a preset is chosen on: validation, as a configuration is
+                            "val accuracy": ("preset_val_accuracy", "val_accuracy_50"),
                             "honest gap": ("preset_honest_gap", "honest_gap_50"),
                             # the ranking a multi-objective study's gap end confirms from
                             "accuracy by the smallest preset gap":
@@ -188,7 +210,10 @@ def resumed(path: str | None, epochs: int, limit: int | None) -> dict[str, dict]
 def report_spearman(table: pd.DataFrame, pairs: dict[str, tuple]) -> None:
     """Spearman over every configuration, and over those a study of today's space can sample
     (the ranking a study's trials depend on). A pair is (proxy column, truth column[, sign]):
-    sign -1 ranks by the proxy's smallest value first."""
+    sign -1 ranks by the proxy's smallest value first. A pair whose truth no configuration
+    records (`val_accuracy` in an older CONFIGS.yaml) is left out."""
+    pairs = {name: pair for name, pair in pairs.items()
+             if pair[1] in table and table[pair[1]].notna().any()}
     for label, rows in (("all", table), ("in tune.space", table[table["in_space"]])):
         known = rows.dropna(subset=[column for pair in pairs.values() for column in pair[:2]])
         if len(known) < 3:
@@ -244,11 +269,13 @@ def stopped_at(args: argparse.Namespace) -> None:
                                 f"for epoch {args.stopped_at} (it has {sorted(curve)})")
         rows.append({"name": name, "val_accuracy_at_k": curve[args.stopped_at],
                      "test_accuracy_50": config["test_accuracy"],
+                     "val_accuracy_50": config.get("val_accuracy", math.nan),
                      "in_space": in_space(raw, config["overrides"], tune)})
     table = pd.DataFrame(rows).set_index("name")
     print(table.to_string(float_format="%.4f"))
     print(f"the runs stopped at epoch {args.stopped_at}:")
-    report_spearman(table, {"accuracy": ("val_accuracy_at_k", "test_accuracy_50")})
+    report_spearman(table, {"accuracy": ("val_accuracy_at_k", "test_accuracy_50"),
+                            "val accuracy": ("val_accuracy_at_k", "val_accuracy_50")})
     if args.json:
         atomic.write_json(args.json, {"stopped_at": args.stopped_at,
                                       "rows": table.reset_index().to_dict("records")})

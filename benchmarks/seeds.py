@@ -8,9 +8,12 @@ Each seed is one `dvc exp run -n <name>-seed<N> -S seed=N -S ...` in the reposit
 from the root), so every run is a DVC experiment and an MLflow run like any other: the
 pipeline's length (`train.epochs`, all images) and its own training code. A seed whose
 experiment already exists is not trained again: its metrics are read back (`dvc exp show`), so
-an interrupted series resumes. Prints each seed's test accuracy, honest gap and validation
-accuracy, then mean and standard deviation (sample, n - 1) over the seeds; `--json FILE` also
-writes them.
+an interrupted series resumes; an experiment of that name made with another seed or another
+value of an override is refused in one line (another --name runs this configuration). Prints
+each seed's test accuracy, honest gap and validation accuracy, then mean and standard deviation
+(sample, n - 1) over the seeds; `--json FILE` also writes them. Like any `dvc exp run`, the
+workspace is left at the last experiment (`dvc exp show` lists them all; `git checkout
+params.yaml dvc.lock && dvc checkout` returns to the commit's run).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ import sys
 from pathlib import Path
 
 from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # a script beside the stages, run without installing them
+
+import atomic  # noqa: E402
 
 FIGURES = ("test_accuracy", "honest_gap", "val_accuracy")
 # dvc, and the `python` of the stages it runs, from this interpreter's environment
@@ -44,7 +52,11 @@ def flat(tree: dict, prefix: str = "") -> dict:
 def overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.set)
     if args.best_params:
-        best = flat(YAML(typ="safe").load(Path(args.best_params).read_text()) or {})
+        try:
+            best = flat(YAML(typ="safe").load(Path(args.best_params).read_text()) or {})
+        except OSError as error:
+            raise SystemExit(f"seeds: error: --best-params {args.best_params}: "
+                             f"{error.strerror or error}") from None
         sets = [f"{key}={json.dumps(value) if isinstance(value, bool) else value}"
                 for key, value in best.items()] + sets
     if any(item.split("=", 1)[0] == "seed" for item in sets):
@@ -52,8 +64,18 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return sets
 
 
-def finished(name: str) -> dict | None:
-    """The metrics of a finished DVC experiment called `name`, if there is one."""
+def wanted(seed: int, sets: list[str]) -> dict:
+    """The params an experiment of this seed must have: the seed and each `key=value`
+    override, its value read as YAML as `dvc exp run -S` reads it."""
+    out = {"seed": seed}
+    for item in sets:
+        key, _, value = item.partition("=")
+        out[key] = YAML(typ="safe").load(value) if value else None
+    return out
+
+
+def finished(name: str) -> tuple[dict, dict] | None:
+    """The params and metrics of a finished DVC experiment called `name`, if there is one."""
     shown = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], check=True, env=ENV,
                            capture_output=True, text=True).stdout
     for baseline in json.loads(shown or "[]"):
@@ -61,19 +83,26 @@ def finished(name: str) -> dict | None:
             if experiment.get("name") != name:
                 continue
             for revision in experiment.get("revs") or []:
-                metrics = ((revision.get("data") or {}).get("metrics") or {})
-                for found in metrics.values():
+                data = revision.get("data") or {}
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                for found in (data.get("metrics") or {}).values():
                     figures = (found or {}).get("data") or {}
                     if all(key in figures for key in FIGURES):
-                        return figures
+                        return flat(params), figures
     return None
 
 
 def run_seed(name: str, seed: int, sets: list[str]) -> dict:
     known = finished(name)
     if known is not None:
+        params, figures = known
+        for key, value in wanted(seed, sets).items():
+            if params.get(key, "absent") != value:
+                raise SystemExit(f"seeds: error: the experiment {name} exists with {key} "
+                                 f"{json.dumps(params.get(key, 'absent'))}, not "
+                                 f"{json.dumps(value)}: another --name runs this configuration")
         print(f"seeds: {name}: already run, its metrics read back", flush=True)
-        return known
+        return figures
     command = ["dvc", "exp", "run", "-n", name, "-S", f"seed={seed}"]
     for item in sets:
         command += ["-S", item]
@@ -115,9 +144,9 @@ def main(argv=None) -> dict:
     print(f"| mean ± sd (n={len(results)}) | " + " | ".join(
         f"{stats[key]['mean']:.4f} ± {stats[key]['sd']:.4f}" for key in FIGURES) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"seeds": {str(k): {f: float(v[f]) for f in FIGURES}
-                                                         for k, v in results.items()},
-                                               "summary": stats, "overrides": sets}, indent=2))
+        atomic.write_json(args.json, {"seeds": {str(k): {f: float(v[f]) for f in FIGURES}
+                                                for k, v in results.items()},
+                                      "summary": stats, "overrides": sets})
     return stats
 
 
