@@ -193,7 +193,10 @@ def no_winner(run: Invocation, study: optuna.Study, companion: optuna.Study | No
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         return "no trial is complete yet"
     if run.full_length or not study_report.ranked(study, run.end):
-        return f"no complete trial has an honest gap within {tune.gap_limit}"
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        return f"no complete trial has an honest gap within {tune.gap_limit}" + (
+            f" yet ({finished} of its {tune.n_trials} trials finished: a rerun continues it)"
+            if finished < tune.n_trials else "")
     if companion is None:
         return "tune.confirm is 0: nothing is confirmed at the pipeline's length"
     if confirmation.pending(study, companion, tune, run.end):

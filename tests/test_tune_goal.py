@@ -145,6 +145,26 @@ def test_with_no_feasible_trial_there_is_no_winner():
     assert study_report.best(study) is None
 
 
+@pytest.mark.parametrize(("n_trials", "said"), [
+    (3, " yet (1 of its 3 trials finished: a rerun continues it)"), (1, "")])
+def test_no_winner_says_when_the_study_has_trials_left_to_run(n_trials, said):
+    """A study stopped early (--timeout, a kill) with no feasible trial so far is not done."""
+    from types import SimpleNamespace
+
+    import tune as tune_script
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(create_trial(
+        state=TrialState.COMPLETE, value=0.9, params={"model.dropout": 0.1},
+        distributions={"model.dropout": FloatDistribution(0.0, 0.5)},
+        system_attrs={"constraints:honest_gap": 0.2}))
+    run = SimpleNamespace(tune=parse_tune(REAL, {"n_trials": n_trials}), full_length=False,
+                          end="accuracy")
+    assert tune_script.no_winner(run, study, None) == (
+        "no complete trial has an honest gap within 0.032 (tune.max_gap 0.08 / "
+        f"tune.gap_growth 2.5){said}")
+
+
 @pytest.mark.parametrize("flag", ["apply", "apply_unconfirmed"])
 def test_apply_with_no_winner_at_all_is_an_error(flag, capsys):
     """`tune.py --apply && dvc repro` must not go on with params.yaml as it was."""
