@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # a script beside the stages, run without installing them
 
 import atomic  # noqa: E402
+from params import flatten  # noqa: E402
 
 FIGURES = ("test_accuracy", "honest_gap", "val_accuracy")
 # dvc, and the `python` of the stages it runs, from this interpreter's environment
@@ -39,21 +40,11 @@ ENV = os.environ | {"PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                              os.environ.get("PATH", "")])}
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.set)
     if args.best_params:
         try:
-            best = flat(YAML(typ="safe").load(Path(args.best_params).read_text()) or {})
+            best = flatten(YAML(typ="safe").load(Path(args.best_params).read_text()) or {})
         except OSError as error:
             raise SystemExit(f"seeds: error: --best-params {args.best_params}: "
                              f"{error.strerror or error}") from None
@@ -88,7 +79,7 @@ def finished(name: str) -> tuple[dict, dict] | None:
                 for found in (data.get("metrics") or {}).values():
                     figures = (found or {}).get("data") or {}
                     if all(key in figures for key in FIGURES):
-                        return flat(params), figures
+                        return flatten(params), figures
     return None
 
 
