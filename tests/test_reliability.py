@@ -123,6 +123,7 @@ def test_diverging_loss_fails_the_run_and_commits_nothing(project):
                                           "train.epochs": 2, "train.deterministic": False})
     again = sh("dvc", "repro", cwd=project)
     assert "Running stage" not in again.stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in again.stdout
     assert {path: (project / path).read_bytes() for path in outputs} == before
     assert (project / "dvc.lock").read_text() == lock_before
     assert len(runs_of(project)) == 2
