@@ -42,13 +42,15 @@ import confirmation
 import known_runs
 import study_report
 import tracking
-from cifar import Split, load_split
+from cifar import TRAIN_IMAGES, Split, load_split, split_size
 from objective import Objective
 from params import Params, Tune, load_params, parse_tune, read_yaml, update_yaml
 from search_space import as_nested, exp_run_command, fixed_params
 from shared_study import (
     FINISHED,
+    IDENTITY,
     exists,
+    make_storage,
     make_study,
     parent_run_id,
     run_study,
@@ -73,7 +75,8 @@ TUNE_COLUMNS = ("metrics.val_accuracy_final", "metrics.honest_gap", "params.trai
 
 @dataclass(frozen=True)
 class Invocation:
-    """What one invocation works with: its settings, and the images its trials train on."""
+    """What one invocation works with: its settings, and how many images its trials train on
+    (the images themselves are loaded only to train: `splits`)."""
 
     args: argparse.Namespace
     params: Params
@@ -81,23 +84,31 @@ class Invocation:
     tune: Tune  # the study's settings: params.yaml's `tune` and the flags
     confirming: Tune  # its companion study's (confirmation.companion)
     end: str  # the end of a Pareto front a winner is taken from (study_report.ENDS)
-    full: Split  # the training images at the pipeline's params
-    train: Split  # the first `tune.train_limit` of them: each trial's
-    val: Split
+    full: int  # training images at the pipeline's params
+    train: int  # the first `tune.train_limit` of them: each trial's
+    val: int | None  # validation images; None: a report made without the data
 
     @property
     def full_length(self) -> bool:
         """Whether the trials train as long as the pipeline (then nothing is confirmed)."""
-        return confirmation.is_full_length(self.tune, len(self.train), len(self.full),
+        return confirmation.is_full_length(self.tune, self.train, self.full,
                                            self.params.train.epochs)
 
     @property
     def short(self) -> str:
-        return f"{self.tune.epochs} epochs on {len(self.train)} images"
+        return f"{self.tune.epochs} epochs on {self.train} images"
 
     @property
     def pipeline(self) -> str:
-        return f"{self.params.train.epochs} epochs on {len(self.full)} images"
+        return f"{self.params.train.epochs} epochs on {self.full} images"
+
+    def splits(self) -> tuple[Split, Split, Split]:
+        """The pipeline's training images, the first part of them each trial trains on, and
+        the validation images."""
+        processed = self.params.paths.processed
+        full = load_split(processed, "train")
+        return (full, Split(full.images[:self.train], full.labels[:self.train]),
+                load_split(processed, "val"))
 
 
 def settings_of(args: argparse.Namespace, raw: dict) -> Tune:
@@ -124,31 +135,55 @@ def invocation(args: argparse.Namespace) -> Invocation:
     params = load_params()
     raw = read_yaml("params.yaml")
     settings = settings_of(args, raw)
+    if args.report_only and not exists(settings):  # reads a study, never makes one
+        raise cli.UserError(f"--report-only: no study {settings.study_name!r} in "
+                            f"{shown(storage_url(settings))}")
     processed = Path(params.paths.processed)
-    if not (processed / "train.npz").is_file():
-        raise cli.StageError(f"{processed}/train.npz is missing: run `dvc repro preprocess`")
-    full = load_split(processed, "train")  # what the pipeline trains on at its params
-    train = full
-    if settings.train_limit:
-        train = Split(full.images[:settings.train_limit], full.labels[:settings.train_limit])
-    if confirmation.is_full_length(settings, len(train), len(full), params.train.epochs):
+    if (processed / "train.npz").is_file() or not args.report_only:
+        full = split_size(processed, "train")  # what the pipeline trains on at its params
+        train, val = min(settings.train_limit or full, full), split_size(processed, "val")
+    else:  # a report of a shared study, read where its images are not
+        full, train = recorded_images(settings, params)
+        val = None
+    if confirmation.is_full_length(settings, train, full, params.train.epochs):
         settings = settings.model_copy(update={"gap_growth": 1.0})  # nothing to grow into
     return Invocation(args, params, raw, settings,
                       confirmation.companion(settings, params.train.epochs),
-                      settings.front_end, full, train, load_split(processed, "val"))
+                      settings.front_end, full, train, val)
+
+
+def recorded_images(tune: Tune, params: Params) -> tuple[int, int]:
+    """Without the preprocessed data: how many images the pipeline and the study's trials train
+    on, as the study and its companion recorded them (`shared_study.identity`); for a study
+    with no companion yet, the pipeline's from params.yaml and the official archive's size."""
+    companion = confirmation.companion(tune, params.train.epochs)
+    full = exists(companion) and recorded_train_images(companion)
+    if not full:
+        full = min(params.data.train_limit or TRAIN_IMAGES, TRAIN_IMAGES - params.data.val_size)
+    train = recorded_train_images(tune) or min(tune.train_limit or full, full)
+    return full, train
+
+
+def recorded_train_images(tune: Tune) -> int | None:
+    """The training images a study's trials train on, as it recorded them (None: not recorded)."""
+    study = optuna.load_study(study_name=tune.study_name, storage=make_storage(tune))
+    return (study.user_attrs.get(IDENTITY) or {}).get("tune.train_limit")
 
 
 def added_runs(run: Invocation) -> tuple[list, list]:
     """The `--add-run` runs as complete trials: the short ones for the study, those at the
     pipeline's length for its companion (each is then a confirmation)."""
     known, known_full = [], []
+    if run.args.add_run and run.val is None:
+        raise cli.StageError(f"{run.params.paths.processed}/train.npz is missing: --add-run "
+                             "compares a run with the data: run `dvc repro preprocess`")
     for name in run.args.add_run:
         found = known_runs.find_run(name, run.params.mlflow.experiment)
         at_full = not run.full_length and known_runs.length(found) == (
-            run.params.train.epochs, len(run.full))
+            run.params.train.epochs, run.full)
         (known_full if at_full else known).append(known_runs.as_trial(
             found, run.raw, run.confirming if at_full else run.tune,
-            len(run.full) if at_full else len(run.train), len(run.val),
+            run.full if at_full else run.train, run.val,
             allow_other_code=run.args.allow_other_code))
     return known, known_full
 
@@ -160,8 +195,10 @@ def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Stud
     winner yet), what the winner was measured on, and why there is none (`no_winner`)."""
     tune = run.tune
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
+    full = train = val = None
     if not run.args.report_only:
-        run_study(study, Objective(run.raw, tune, run.train, run.val, deadline), tune,
+        full, train, val = run.splits()
+        run_study(study, Objective(run.raw, tune, train, val, deadline), tune,
                   deadline=deadline)
     # the workers of a study finish their trials together: one at a time writes the parent
     # run's report, or MLflow's SQLite store refuses a second insert of the same tag
@@ -173,7 +210,7 @@ def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Stud
     if companion is not None:
         if not run.args.report_only:
             confirm(study, companion, tune, run.confirming, run.end,
-                    Objective(run.raw, run.confirming, run.full, run.val, deadline))
+                    Objective(run.raw, run.confirming, full, val, deadline))
         for line in confirmation.summary(study, companion, tune):
             print(f"tune: {line.strip()}")
         with study_lock(tune):
@@ -228,7 +265,7 @@ def write_winner(run: Invocation, leader: optuna.trial.FrozenTrial | None, point
     atomic.write_text(best_params, f"# measured: {measured}\n"
                       + study_report.yaml_text(as_nested(point)))
     print(f"tune: best params written to {best_params} ({measured})")
-    for line in winner_commands(point, tune.epochs, len(run.train), len(run.full),
+    for line in winner_commands(point, tune.epochs, run.train, run.full,
                                 run.params.train.epochs):
         print(f"tune: {line}")
     if args.apply and not confirmed and not args.apply_unconfirmed:
@@ -243,22 +280,19 @@ def write_winner(run: Invocation, leader: optuna.trial.FrozenTrial | None, point
 
 def tune(args: argparse.Namespace) -> dict:
     run = invocation(args)
-    if args.report_only and not exists(run.tune):  # reads a study, never makes one
-        raise cli.UserError(f"--report-only: no study {run.tune.study_name!r} in "
-                            f"{shown(storage_url(run.tune))}")
     experiment = f"{run.params.mlflow.experiment}-tune"
     tracking.configure(experiment, TUNE_DESCRIPTION, TUNE_COLUMNS)
     known, known_full = added_runs(run)  # before the studies: a new study starts with them
     fixed = fixed_params(run.raw, run.tune)  # what the trials train with besides their points
-    study = make_study(run.tune, known, train_images=len(run.train), fixed=fixed)
+    study = make_study(run.tune, known, train_images=run.train, fixed=fixed)
     run = with_budget(run, study)
     companion = None
     if not run.full_length and (run.tune.confirm or known_full or exists(run.confirming)):
-        companion = make_study(run.confirming, known_full, train_images=len(run.full),
+        companion = make_study(run.confirming, known_full, train_images=run.full,
                                fixed=fixed)
-    with tracking.run(run_id=parent_run_id(study, run.tune, experiment, len(run.train))):
+    with tracking.run(run_id=parent_run_id(study, run.tune, experiment, run.train)):
         # tags, not params: a rerun of the study may ask for another budget
-        mlflow.set_tags(invocation_tags(run.tune, len(run.train)))
+        mlflow.set_tags(invocation_tags(run.tune, run.train))
         leader, point, measured, why = run_and_declare(run, study, companion)
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
