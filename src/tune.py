@@ -139,7 +139,8 @@ def invocation(args: argparse.Namespace) -> Invocation:
         raise cli.UserError(f"--report-only: no study {settings.study_name!r} in "
                             f"{shown(storage_url(settings))}")
     processed = Path(params.paths.processed)
-    if (processed / "train.npz").is_file() or not args.report_only:
+    has_data = all((processed / f"{name}.npz").is_file() for name in ("train", "val"))
+    if has_data or not args.report_only:
         full = split_size(processed, "train")  # what the pipeline trains on at its params
         train, val = min(settings.train_limit or full, full), split_size(processed, "val")
     else:  # a report of a shared study, read where its images are not
@@ -188,16 +189,18 @@ def added_runs(run: Invocation) -> tuple[list, list]:
     return known, known_full
 
 
-def run_and_declare(run: Invocation, study: optuna.Study, companion: optuna.Study | None
+def run_and_declare(run: Invocation, splits: tuple[Split, Split, Split] | None,
+                    study: optuna.Study, companion: optuna.Study | None
                     ) -> tuple[optuna.trial.FrozenTrial | None, dict | None, str, str | None]:
-    """Inside the study's parent run: the trials, the report, the confirmation and the winner
-    declared. Returns the study's best short trial, the winner's point (None: no confirmed
-    winner yet), what the winner was measured on, and why there is none (`no_winner`)."""
+    """Inside the study's parent run: the trials (on `splits`: the pipeline's training images,
+    each trial's part of them, validation; None for a report), the report, the confirmation and
+    the winner declared. Returns the study's best short trial, the winner's point (None: no
+    confirmed winner yet), what the winner was measured on, and why there is none
+    (`no_winner`)."""
     tune = run.tune
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
-    full = train = val = None
+    full, train, val = splits or (None, None, None)
     if not run.args.report_only:
-        full, train, val = run.splits()
         run_study(study, Objective(run.raw, tune, train, val, deadline), tune,
                   deadline=deadline)
     # the workers of a study finish their trials together: one at a time writes the parent
@@ -235,7 +238,8 @@ def no_winner(run: Invocation, study: optuna.Study, companion: optuna.Study | No
             f" yet ({finished} of its {tune.n_trials} trials finished: a rerun continues it)"
             if finished < tune.n_trials else "")
     if companion is None:
-        return "tune.confirm is 0: nothing is confirmed at the pipeline's length"
+        return ("its confirmation has not started: a rerun does it" if tune.confirm
+                else "tune.confirm is 0: nothing is confirmed at the pipeline's length")
     if confirmation.pending(study, companion, tune, run.end):
         return "its confirmation is not done: a rerun does it"
     if not companion.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -280,6 +284,7 @@ def write_winner(run: Invocation, leader: optuna.trial.FrozenTrial | None, point
 
 def tune(args: argparse.Namespace) -> dict:
     run = invocation(args)
+    splits = None if args.report_only else run.splits()  # before the study or MLflow is written
     experiment = f"{run.params.mlflow.experiment}-tune"
     tracking.configure(experiment, TUNE_DESCRIPTION, TUNE_COLUMNS)
     known, known_full = added_runs(run)  # before the studies: a new study starts with them
@@ -287,13 +292,15 @@ def tune(args: argparse.Namespace) -> dict:
     study = make_study(run.tune, known, train_images=run.train, fixed=fixed)
     run = with_budget(run, study)
     companion = None
-    if not run.full_length and (run.tune.confirm or known_full or exists(run.confirming)):
+    # a report reads a companion study, never makes one (an added run at full length does)
+    wanted = known_full or (run.tune.confirm and not args.report_only)
+    if not run.full_length and (wanted or exists(run.confirming)):
         companion = make_study(run.confirming, known_full, train_images=run.full,
                                fixed=fixed)
     with tracking.run(run_id=parent_run_id(study, run.tune, experiment, run.train)):
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags(invocation_tags(run.tune, run.train))
-        leader, point, measured, why = run_and_declare(run, study, companion)
+        leader, point, measured, why = run_and_declare(run, splits, study, companion)
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
     return write_winner(run, leader, point, measured, why)

@@ -51,7 +51,7 @@ def runs(project):
 
 
 def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_wins(short):
-    update_yaml(short / "params.yaml", {"tune.confirm": 2})
+    update_yaml(short / "params.yaml", {"tune.confirm": 2, "tune.train_limit": 200})
     out = tune(short, "--n-trials", "3", "--apply").stdout
     study, companion = load(short, "regularization"), load(short, "regularization-confirm")
     first, second = sorted((t for t in study.trials if t.state == TrialState.COMPLETE),
@@ -104,7 +104,7 @@ def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_w
     report = tune(short, "--report-only", "--apply").stdout
     assert declared in report
     assert "the winner at the pipeline's length (2 epochs, 240 images): dvc exp run" in report
-    assert "the winner at the proxy's length (1 epochs, 240 images)" in report
+    assert "the winner at the proxy's length (1 epochs, 200 images)" in report
     missing = tune(short, "--n-trials", "4", check=False)  # training needs them
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1] == \
@@ -136,6 +136,13 @@ def test_apply_refuses_a_winner_measured_only_on_short_trials(short):
     assert "params.yaml updated with the winner (not confirmed: 1 epochs on 240 images only)" \
         in out
     assert (short / "params.yaml").read_text() != before
+    # a report under tune.confirm 1 says the confirmation is still to come, and makes no
+    # companion study: only an invocation that trains does
+    (short / "params.yaml").write_text(before)
+    report = tune(short, "--n-trials", "2", "--report-only").stdout
+    assert "tune: no confirmed winner: its confirmation has not started: a rerun does it" in report
+    storage = f"sqlite:///{short / 'optuna.db'}"
+    assert optuna.get_all_study_names(storage) == ["regularization"]
 
 
 def test_a_confirmation_killed_mid_way_is_retried_by_the_next_invocation(short):
