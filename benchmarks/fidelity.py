@@ -48,10 +48,10 @@ import backend  # noqa: E402, F401  (first: sets KERAS_BACKEND from params.yaml)
 # isort: split
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import atomic  # noqa: E402
+import cifar  # noqa: E402
 import cli  # noqa: E402
 from cifar import TRAIN_IMAGES, Split, load_split  # noqa: E402
 from fitting import fit  # noqa: E402
@@ -81,11 +81,9 @@ def split_size(raw: dict) -> int:
     """The training split's size: the preprocessed one's, or, before `dvc repro preprocess`,
     the official archive's less `data.val_size`."""
     params = parse_params(raw)
-    path = Path(params.paths.processed) / "train.npz"
-    if not path.is_file():
+    if not (Path(params.paths.processed) / "train.npz").is_file():
         return TRAIN_IMAGES - params.data.val_size
-    with np.load(path, allow_pickle=False) as arrays:
-        return len(arrays["labels"])
+    return cifar.split_size(params.paths.processed, "train")
 
 
 def trained_images(limit: int | None, total: int) -> int:

@@ -98,19 +98,22 @@ def encode_batch(images: np.ndarray, labels: np.ndarray) -> bytes:
     return np.concatenate([labels[:, None], planes], axis=1).astype(np.uint8).tobytes()
 
 
-def split_size(processed: str | Path, name: str) -> int:
-    """How many images a split the preprocess stage wrote holds (only its labels are read)."""
+def split_path(processed: str | Path, name: str) -> Path:
+    """`<processed>/<name>.npz`, a split the preprocess stage wrote (a one-line error without
+    it)."""
     path = Path(processed) / f"{name}.npz"
     if not path.is_file():
         raise StageError(f"{path} is missing: run `dvc repro preprocess`")
-    with np.load(path, allow_pickle=False) as arrays:
+    return path
+
+
+def split_size(processed: str | Path, name: str) -> int:
+    """How many images a split the preprocess stage wrote holds (only its labels are read)."""
+    with np.load(split_path(processed, name), allow_pickle=False) as arrays:
         return len(arrays["labels"])
 
 
 def load_split(processed: str | Path, name: str) -> Split:
     """One split the preprocess stage wrote (`<processed>/<name>.npz`), never unpickled."""
-    path = Path(processed) / f"{name}.npz"
-    if not path.is_file():
-        raise StageError(f"{path} is missing: run `dvc repro preprocess`")
-    with np.load(path, allow_pickle=False) as arrays:
+    with np.load(split_path(processed, name), allow_pickle=False) as arrays:
         return Split(arrays["images"], arrays["labels"])
