@@ -18,20 +18,18 @@ continues the study up to `--n-trials` finished (complete or pruned) trials; sev
 run it at once on the same storage, also started at the same instant on an empty database (see
 shared_study.py).
 Progress: Keras' bars on a terminal, otherwise one line per epoch of every trial.
+Keras and its backend load only when something trains: a report, a refused flag or a bad
+`--add-run` answers in seconds.
 """
 
 from __future__ import annotations
-
-import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
-
-# isort: split
 
 import argparse
 import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import mlflow
 import optuna
@@ -43,7 +41,6 @@ import known_runs
 import study_report
 import tracking
 from cifar import TRAIN_IMAGES, Split, load_split, split_size
-from objective import Objective
 from params import Params, Tune, load_params, parse_tune, read_yaml, update_yaml
 from search_space import as_nested, exp_run_command, fixed_params
 from shared_study import (
@@ -58,6 +55,9 @@ from shared_study import (
     storage_url,
     study_lock,
 )
+
+if TYPE_CHECKING:
+    from objective import Objective
 
 TUNE_DESCRIPTION = ("Optuna studies: one parent run per study (settings as params, the report as "
                     "artifacts, the best trial's point as best.* tags and its scores as "
@@ -189,6 +189,15 @@ def added_runs(run: Invocation) -> tuple[list, list]:
     return known, known_full
 
 
+def objective_class() -> type[Objective]:
+    """objective.Objective, the trials' objective. Keras loads here, with the backend that
+    params.yaml names (backend.py), when something is to train: a report never loads it."""
+    import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
+    from objective import Objective
+
+    return Objective
+
+
 def run_and_declare(run: Invocation, splits: tuple[Split, Split, Split] | None,
                     study: optuna.Study, companion: optuna.Study | None
                     ) -> tuple[optuna.trial.FrozenTrial | None, dict | None, str, str | None]:
@@ -198,11 +207,12 @@ def run_and_declare(run: Invocation, splits: tuple[Split, Split, Split] | None,
     confirmed winner yet), what the winner was measured on, and why there is none
     (`no_winner`)."""
     tune = run.tune
+    trains = not run.args.report_only
+    objective = objective_class() if trains else None  # Keras loads before the clock starts
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     full, train, val = splits or (None, None, None)
-    if not run.args.report_only:
-        run_study(study, Objective(run.raw, tune, train, val, deadline), tune,
-                  deadline=deadline)
+    if trains:
+        run_study(study, objective(run.raw, tune, train, val, deadline), tune, deadline=deadline)
     # the workers of a study finish their trials together: one at a time writes the parent
     # run's report, or MLflow's SQLite store refuses a second insert of the same tag
     with study_lock(tune):
@@ -211,9 +221,9 @@ def run_and_declare(run: Invocation, splits: tuple[Split, Split, Split] | None,
     winner, holder, measured = (leader, study, f"{run.pipeline}, the pipeline's length") \
         if run.full_length else (None, study, f"not confirmed: {run.short} only")
     if companion is not None:
-        if not run.args.report_only:
+        if trains:
             confirm(study, companion, tune, run.confirming, run.end,
-                    Objective(run.raw, run.confirming, full, val, deadline))
+                    objective(run.raw, run.confirming, full, val, deadline))
         for line in confirmation.summary(study, companion, tune):
             print(f"tune: {line.strip()}")
         with study_lock(tune):

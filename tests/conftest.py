@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import textwrap
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,6 +122,14 @@ class ArchiveServer:
         self.httpd.server_close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """One JAX compilation cache per test worker (JAX's own JAX_COMPILATION_CACHE_DIR, inherited
+    by every subprocess): the tiny model's programs compile once, not once per stage and run."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
+
+
 @pytest.fixture
 def server(tiny_archive):
     with ArchiveServer(tiny_archive[0].read_bytes()) as running:
@@ -169,6 +178,29 @@ def sh(*args: str, cwd: Path, check: bool = True, **extra_env: str
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+BLOCK_TENSORFLOW = textwrap.dedent("""
+    import sys
+
+    class NoTensorFlow:
+        def find_spec(self, name, path=None, target=None):
+            if name == "tensorflow" or name.startswith("tensorflow."):
+                raise ImportError(f"{name} is blocked: this process must not import it")
+            return None
+
+    sys.meta_path.insert(0, NoTensorFlow())
+""")
+
+
+@pytest.fixture
+def no_tensorflow(tmp_path) -> dict[str, str]:
+    """Environment whose Python processes fail on any import of TensorFlow (the jax backend,
+    and a tune.py that trains nothing, never import it)."""
+    folder = tmp_path / "block"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
+    return {"PYTHONPATH": str(folder)}
 
 
 @pytest.fixture

@@ -26,9 +26,10 @@ def runs_of(project):
     return mlflow.search_runs(experiment_names=["cifar10-alexnet"], output_format="list")
 
 
-def start(project, *command):
-    return subprocess.Popen(command, cwd=project, env=tool_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start(project, *command, **extra_env):
+    return subprocess.Popen(command, cwd=project, env=tool_env(**extra_env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def wait_for_epoch(project, epoch, process, timeout=300):

@@ -39,8 +39,9 @@ def tuned(project):
     return project
 
 
-def tune(project, *args, check=True):
-    return sh(sys.executable, "src/tune.py", "--epochs", "2", *args, cwd=project, check=check)
+def tune(project, *args, check=True, **extra_env):
+    return sh(sys.executable, "src/tune.py", "--epochs", "2", *args, cwd=project, check=check,
+              **extra_env)
 
 
 def finished(trials):
@@ -167,8 +168,9 @@ def test_timeout_stops_a_trial_mid_way_and_queues_its_point(tuned):
     assert done.params == stopped.params
 
 
-def test_report_only_trains_nothing(tuned):
-    missing = tune(tuned, "--report-only", check=False)  # reads a study, never makes one
+def test_report_only_trains_nothing(tuned, no_tensorflow):
+    # neither a refusal nor a report loads Keras: TensorFlow (train.backend) is blocked
+    missing = tune(tuned, "--report-only", check=False, **no_tensorflow)  # never makes a study
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1] == (
         f"tune: error: --report-only: no study 'regularization' in sqlite:///{tuned}/optuna.db")
@@ -176,7 +178,7 @@ def test_report_only_trains_nothing(tuned):
     tune(tuned, "--n-trials", "1")
     before = [t.number for t in load(tuned).trials]
     (tuned / "reports/best_params.yaml").unlink()
-    out = tune(tuned, "--n-trials", "5", "--report-only", "--apply").stdout
+    out = tune(tuned, "--n-trials", "5", "--report-only", "--apply", **no_tensorflow).stdout
     assert [t.number for t in load(tuned).trials] == before  # no trial started
     assert (tuned / "reports/best_params.yaml").is_file() and "params.yaml updated" in out
 
