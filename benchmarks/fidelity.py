@@ -43,26 +43,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # a script beside the stages, run without installing them
 
-import backend  # noqa: E402, F401  (first: sets KERAS_BACKEND from params.yaml)
-
-# isort: split
-
-import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import atomic  # noqa: E402
 import cifar  # noqa: E402
 import cli  # noqa: E402
 from cifar import TRAIN_IMAGES, Split, load_split  # noqa: E402
-from fitting import fit  # noqa: E402
 from params import flatten, parse_params, parse_tune, read_yaml, with_overrides  # noqa: E402
-from scoring import final_scores  # noqa: E402
 from search_space import as_sampled  # noqa: E402
 
 
 def preset_scores(raw: dict, overrides: dict, epochs: int, limit: int | None) -> dict:
     """A trial of the configuration under the preset: its scores, and its cost in minutes of
-    CPU time (this process, all threads) and of wall time."""
+    CPU time (this process, all threads) and of wall time. Keras loads here, the first time a
+    configuration trains (the backend params.yaml names): what configs.yaml holds is read in
+    seconds."""
+    import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
+
+    # isort: split
+
+    import keras
+
+    from fitting import fit
+    from scoring import final_scores
+
     cpu, wall = time.process_time(), time.monotonic()
     params = parse_params(with_overrides(raw, {**overrides, "train.epochs": epochs}))
     train = load_split(params.paths.processed, "train")
