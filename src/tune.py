@@ -199,16 +199,16 @@ def objective_class() -> type[Objective]:
 
 
 def run_and_declare(run: Invocation, splits: tuple[Split, Split, Split] | None,
-                    study: optuna.Study, companion: optuna.Study | None
+                    objective: type[Objective] | None, study: optuna.Study,
+                    companion: optuna.Study | None
                     ) -> tuple[optuna.trial.FrozenTrial | None, dict | None, str, str | None]:
-    """Inside the study's parent run: the trials (on `splits`: the pipeline's training images,
-    each trial's part of them, validation; None for a report), the report, the confirmation and
-    the winner declared. Returns the study's best short trial, the winner's point (None: no
-    confirmed winner yet), what the winner was measured on, and why there is none
-    (`no_winner`)."""
+    """Inside the study's parent run: the trials (`objective` on `splits`: the pipeline's
+    training images, each trial's part of them, validation; both None for a report), the
+    report, the confirmation and the winner declared. Returns the study's best short trial, the
+    winner's point (None: no confirmed winner yet), what the winner was measured on, and why
+    there is none (`no_winner`)."""
     tune = run.tune
-    trains = not run.args.report_only
-    objective = objective_class() if trains else None  # Keras loads before the clock starts
+    trains = objective is not None
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     full, train, val = splits or (None, None, None)
     if trains:
@@ -307,10 +307,14 @@ def tune(args: argparse.Namespace) -> dict:
     if not run.full_length and (wanted or exists(run.confirming)):
         companion = make_study(run.confirming, known_full, train_images=run.full,
                                fixed=fixed)
+    # Keras loads after every check of the invocation (a refusal answers in seconds), before
+    # the parent run and --timeout's clock start; a report never loads it
+    objective = None if args.report_only else objective_class()
     with tracking.run(run_id=parent_run_id(study, run.tune, experiment, run.train)):
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags(invocation_tags(run.tune, run.train))
-        leader, point, measured, why = run_and_declare(run, splits, study, companion)
+        leader, point, measured, why = run_and_declare(run, splits, objective, study,
+                                                       companion)
     found = mlflow.get_experiment_by_name(experiment)
     print(f"tune: trials in the MLflow UI (`mlflow ui`): {tracking.runs_url(found.experiment_id)}")
     return write_winner(run, leader, point, measured, why)
