@@ -18,8 +18,8 @@ continues the study up to `--n-trials` finished (complete or pruned) trials; sev
 run it at once on the same storage, also started at the same instant on an empty database (see
 shared_study.py).
 Progress: Keras' bars on a terminal, otherwise one line per epoch of every trial.
-Keras and its backend load only when something trains: a report, a refused flag or a bad
-`--add-run` answers in seconds.
+Keras and its backend load only in an invocation that trains, after its checks: a report, a
+refused flag or a bad `--add-run` answers in seconds.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def added_runs(run: Invocation) -> tuple[list, list]:
 
 def objective_class() -> type[Objective]:
     """objective.Objective, the trials' objective. Keras loads here, with the backend that
-    params.yaml names (backend.py), when something is to train: a report never loads it."""
+    params.yaml names (backend.py), in an invocation that trains: a report never loads it."""
     import backend  # noqa: F401  (first: sets KERAS_BACKEND from params.yaml)
     from objective import Objective
 
@@ -208,10 +208,9 @@ def run_and_declare(run: Invocation, splits: tuple[Split, Split, Split] | None,
     winner's point (None: no confirmed winner yet), what the winner was measured on, and why
     there is none (`no_winner`)."""
     tune = run.tune
-    trains = objective is not None
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     full, train, val = splits or (None, None, None)
-    if trains:
+    if objective is not None:
         run_study(study, objective(run.raw, tune, train, val, deadline), tune, deadline=deadline)
     # the workers of a study finish their trials together: one at a time writes the parent
     # run's report, or MLflow's SQLite store refuses a second insert of the same tag
@@ -221,7 +220,7 @@ def run_and_declare(run: Invocation, splits: tuple[Split, Split, Split] | None,
     winner, holder, measured = (leader, study, f"{run.pipeline}, the pipeline's length") \
         if run.full_length else (None, study, f"not confirmed: {run.short} only")
     if companion is not None:
-        if trains:
+        if objective is not None:
             confirm(study, companion, tune, run.confirming, run.end,
                     objective(run.raw, run.confirming, full, val, deadline))
         for line in confirmation.summary(study, companion, tune):
