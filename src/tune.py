@@ -19,7 +19,7 @@ run it at once on the same storage, also started at the same instant on an empty
 shared_study.py).
 Progress: Keras' bars on a terminal, otherwise one line per epoch of every trial.
 Keras and its backend load only in an invocation that trains, after its checks: a report, a
-refused flag or a bad `--add-run` answers in seconds.
+refused flag, a bad `--add-run` or a rerun of a finished study answers in seconds.
 """
 
 from __future__ import annotations
@@ -189,6 +189,15 @@ def added_runs(run: Invocation) -> tuple[list, list]:
     return known, known_full
 
 
+def left_to_train(run: Invocation, study: optuna.Study, companion: optuna.Study | None
+                  ) -> bool:
+    """Whether the invocation may train: the study lacks some of its `tune.n_trials` finished
+    trials (a running one may yet fail and be retried), or its confirmation is not done."""
+    if len(study.get_trials(deepcopy=False, states=FINISHED)) < run.tune.n_trials:
+        return True
+    return companion is not None and confirmation.pending(study, companion, run.tune, run.end)
+
+
 def objective_class() -> type[Objective]:
     """objective.Objective, the trials' objective. Keras loads here, with the backend that
     params.yaml names (backend.py), in an invocation that trains: a report never loads it."""
@@ -203,10 +212,10 @@ def run_and_declare(run: Invocation, splits: tuple[Split, Split, Split] | None,
                     companion: optuna.Study | None
                     ) -> tuple[optuna.trial.FrozenTrial | None, dict | None, str, str | None]:
     """Inside the study's parent run: the trials (`objective` on `splits`: the pipeline's
-    training images, each trial's part of them, validation; both None for a report), the
-    report, the confirmation and the winner declared. Returns the study's best short trial, the
-    winner's point (None: no confirmed winner yet), what the winner was measured on, and why
-    there is none (`no_winner`)."""
+    training images, each trial's part of them, validation; `objective` None: nothing to
+    train), the report, the confirmation and the winner declared. Returns the study's best
+    short trial, the winner's point (None: no confirmed winner yet), what the winner was
+    measured on, and why there is none (`no_winner`)."""
     tune = run.tune
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     full, train, val = splits or (None, None, None)
@@ -307,8 +316,17 @@ def tune(args: argparse.Namespace) -> dict:
         companion = make_study(run.confirming, known_full, train_images=run.full,
                                fixed=fixed)
     # Keras loads after every check of the invocation (a refusal answers in seconds), before
-    # the parent run and --timeout's clock start; a report never loads it
-    objective = None if args.report_only else objective_class()
+    # the parent run and --timeout's clock start; a report, or a rerun of a study with nothing
+    # left to train, never loads it
+    objective = None
+    if not args.report_only:
+        if left_to_train(run, study, companion):
+            objective = objective_class()
+        else:
+            done = len(study.get_trials(deepcopy=False, states=FINISHED))
+            print(f"tune: nothing to train: {done} of {run.tune.n_trials} trials finished in "
+                  f"study {study.study_name!r}"
+                  + (", its confirmations done" if companion is not None else ""))
     with tracking.run(run_id=parent_run_id(study, run.tune, experiment, run.train)):
         # tags, not params: a rerun of the study may ask for another budget
         mlflow.set_tags(invocation_tags(run.tune, run.train))

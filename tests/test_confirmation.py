@@ -37,8 +37,9 @@ def short(project):
     return project
 
 
-def tune(project, *args, check=True):
-    return sh(sys.executable, "src/tune.py", "--epochs", "1", *args, cwd=project, check=check)
+def tune(project, *args, check=True, **extra_env):
+    return sh(sys.executable, "src/tune.py", "--epochs", "1", *args, cwd=project, check=check,
+              **extra_env)
 
 
 def load(project, name):
@@ -50,7 +51,8 @@ def runs(project):
     return mlflow.search_runs(experiment_names=["cifar10-alexnet-tune"], output_format="list")
 
 
-def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_wins(short):
+def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_wins(
+        short, no_tensorflow):
     update_yaml(short / "params.yaml", {"tune.confirm": 2, "tune.train_limit": 200})
     out = tune(short, "--n-trials", "3", "--apply").stdout
     study, companion = load(short, "regularization"), load(short, "regularization-confirm")
@@ -90,11 +92,14 @@ def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_w
     best = (short / "reports/best_params.yaml").read_text()
     assert best.startswith("# measured: confirmed at the pipeline's length, 2 epochs on 240 ")
 
-    # a rerun finds everything done: no trial trained again in either study
-    again = tune(short, "--n-trials", "3").stdout
+    # a rerun finds everything done: no trial trained again in either study, and Keras never
+    # loaded (TensorFlow, the backend, is blocked)
+    again = tune(short, "--n-trials", "3", **no_tensorflow).stdout
     assert len(load(short, "regularization-confirm").trials) == 2
     assert len(load(short, "regularization").trials) == 3
     assert "confirming trials" not in again
+    assert "tune: nothing to train: 3 of 3 trials finished in study 'regularization', its " \
+        "confirmations done" in again
 
     # a report judges the study against the budget it ran to (3), not params.yaml's 20; it
     # reads the studies, not the images (as on a machine that shares the study's database):

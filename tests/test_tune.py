@@ -168,8 +168,9 @@ def test_timeout_stops_a_trial_mid_way_and_queues_its_point(tuned):
     assert done.params == stopped.params
 
 
-def test_report_only_trains_nothing(tuned, no_tensorflow):
-    # neither a refusal nor a report loads Keras: TensorFlow (train.backend) is blocked
+def test_a_report_or_a_rerun_of_a_finished_study_trains_nothing(tuned, no_tensorflow):
+    # neither a refusal, a report nor a rerun with nothing left to train loads Keras:
+    # TensorFlow (train.backend) is blocked
     missing = tune(tuned, "--report-only", check=False, **no_tensorflow)  # never makes a study
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1] == (
@@ -177,6 +178,9 @@ def test_report_only_trains_nothing(tuned, no_tensorflow):
     assert not (tuned / "optuna.db").exists()
     tune(tuned, "--n-trials", "1")
     before = [t.number for t in load(tuned).trials]
+    rerun = tune(tuned, "--n-trials", "1", **no_tensorflow).stdout
+    assert [t.number for t in load(tuned).trials] == before
+    assert "tune: nothing to train: 1 of 1 trials finished in study 'regularization'" in rerun
     (tuned / "reports/best_params.yaml").unlink()
     out = tune(tuned, "--n-trials", "5", "--report-only", "--apply", **no_tensorflow).stdout
     assert [t.number for t in load(tuned).trials] == before  # no trial started
