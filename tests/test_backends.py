@@ -75,10 +75,15 @@ def test_params_choose_the_backend_over_the_environment(tmp_path, params_backend
     env.pop("KERAS_BACKEND", None)
     if environment:
         env["KERAS_BACKEND"] = environment
-    code = "import backend, keras; print(keras.backend.backend())"
+    # backend loads Keras without the packages it imports for features the pipeline never uses
+    # (TensorFlow's for a JAX run, jax's and scikit-learn's); they stay importable afterwards
+    code = ("import sys, backend, keras; print(keras.backend.backend()); "
+            "print(*sorted({'tensorflow', 'jax', 'sklearn'} & set(sys.modules)) or ['none']); "
+            "import sklearn")
     result = subprocess.run(["python", "-c", code], cwd=tmp_path, env=env, capture_output=True,
                             text=True, check=True)
-    assert result.stdout.split() == [params_backend]
+    loaded = ["tensorflow"] if params_backend == "tensorflow" else ["jax"]
+    assert result.stdout.splitlines() == [params_backend, " ".join(loaded)]
     if environment:
         assert f"KERAS_BACKEND={environment} ignored" in result.stderr
 
@@ -89,18 +94,18 @@ def test_params_choose_the_backend_over_the_environment(tmp_path, params_backend
      "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"),
     (True, "--xla_gpu_deterministic_ops=true", "--xla_gpu_deterministic_ops=true"),  # once
     (False, None, None)])
-def test_deterministic_on_jax_sets_xla_s_deterministic_ops(tmp_path, deterministic, flags_before,
-                                                           flags_after):
-    """train.deterministic on JAX: XLA's deterministic GPU kernels, set before JAX starts (on a
-    CPU, JAX reruns are identical anyway: the jax pipeline test compares a resumed and an
-    uninterrupted run bit for bit with deterministic off)."""
-    (tmp_path / "params.yaml").write_text(
-        f"train:\n  backend: jax\n  deterministic: {str(deterministic).lower()}\n")
-    env = tool_env(PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
-    env.pop("XLA_FLAGS", None)
+def test_deterministic_on_jax_sets_xla_s_deterministic_ops(tmp_path, monkeypatch, deterministic,
+                                                           flags_before, flags_after):
+    """train.deterministic on JAX: XLA's deterministic GPU kernels, set by `select` (which runs
+    before JAX starts; on a CPU, JAX reruns are identical anyway: the jax pipeline test compares
+    a resumed and an uninterrupted run bit for bit with deterministic off)."""
+    import backend
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"train:\n  backend: jax\n  deterministic: {str(deterministic).lower()}\n")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")  # select sets it; put back after the test
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     if flags_before:
-        env["XLA_FLAGS"] = flags_before
-    code = "import os, backend; print(os.environ.get('XLA_FLAGS'))"
-    result = subprocess.run(["python", "-c", code], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, check=True)
-    assert result.stdout.strip() == str(flags_after)
+        monkeypatch.setenv("XLA_FLAGS", flags_before)
+    assert backend.select(str(params)) == "jax"
+    assert os.environ.get("XLA_FLAGS") == flags_after
