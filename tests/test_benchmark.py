@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
     [], ["--set=train.backend=jax", "--set=augment.flip=true", "--set=augment.crop=4"]])
 def test_benchmark_tiny_budget(tmp_path, settings):
     out = tmp_path / "bench.json"
+    tiny_model = ["--set=model.filters=[8, 16, 16, 16]", "--set=model.dense_units=[16, 16]"]
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--images", "256",
          "--epochs", "2", "--rounds", "1", "--repo", str(tmp_path), "--json", str(out),
-         *settings], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+         *tiny_model, *settings], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     for kind in ("A", "B", "C"):
@@ -43,6 +44,7 @@ def test_benchmark_tiny_budget(tmp_path, settings):
     backend = "jax" if settings else "tensorflow"
     assert {run["backend"] for kind in "ABC" for run in data[kind]["runs"]} == {backend}
     assert data["config"]["augment"]["crop"] == (4 if settings else 0)
+    assert data["config"]["model"]["dense_units"] == [16, 16]  # a list given by --set
 
 
 def test_compare_seed_prints_both_curves(tmp_path):
