@@ -99,10 +99,11 @@ def _without_start_up_noise():
                     sys.stderr.write(line)
 
 
-# What TensorFlow and Keras import when it is installed, for features the pipeline never uses:
+# What TensorFlow and Keras import, where installed, for features the pipeline never uses:
 # TensorFlow Lite's conversion of JAX functions (`jax`), Keras' scikit-learn wrappers (`sklearn`,
-# which MLflow installs). Each is imported inside a `try: ... except ImportError`; hidden while
-# they load, they cost a stage nothing (about 1.7 s of its start-up on a 2-core CPU).
+# which MLflow installs). Each import is inside a `try: ... except ImportError`; hidden while
+# they load, these packages cost a stage nothing (2.6 s of its start-up on a 2-core CPU:
+# docs/performance.md, "Start-up").
 UNUSED_ON_TENSORFLOW = ("jax", "jaxlib", "sklearn")
 UNUSED_ON_JAX = ("sklearn",)
 
