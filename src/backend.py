@@ -108,7 +108,7 @@ UNUSED_ON_TENSORFLOW = ("jax", "jaxlib", "sklearn")
 UNUSED_ON_JAX = ("sklearn",)
 
 
-def load_tensorflow_quietly() -> None:
+def load_keras_on_tensorflow() -> None:
     with _without_start_up_noise(), hidden(UNUSED_ON_TENSORFLOW, "unused here"):
         import keras  # noqa: F401
         import tensorflow as tf
@@ -116,7 +116,7 @@ def load_tensorflow_quietly() -> None:
         tf.config.list_physical_devices("GPU")
 
 
-def load_jax() -> None:
+def load_keras_on_jax() -> None:
     hide_tensorflow()
     with hidden(UNUSED_ON_JAX, "unused here"):
         import keras  # noqa: F401
@@ -188,6 +188,6 @@ if "keras" not in sys.modules:
     validate_first()
     chosen = select()
     if chosen == "tensorflow":
-        load_tensorflow_quietly()
+        load_keras_on_tensorflow()
     elif chosen == "jax":
-        load_jax()
+        load_keras_on_jax()

@@ -192,10 +192,11 @@ def added_runs(run: Invocation) -> tuple[list, list]:
 def left_to_train(run: Invocation, study: optuna.Study, companion: optuna.Study | None
                   ) -> bool:
     """Whether the invocation may train: the study lacks some of its `tune.n_trials` finished
-    trials (a running one may yet fail and be retried), or its confirmation is not done."""
-    if len(study.get_trials(deepcopy=False, states=FINISHED)) < run.tune.n_trials:
-        return True
-    return companion is not None and confirmation.pending(study, companion, run.tune, run.end)
+    trials (a running one may yet fail and be retried), or its confirmation is not done
+    (`confirmation.pending`, which counts the study's trials too)."""
+    if companion is not None:
+        return confirmation.pending(study, companion, run.tune, run.end)
+    return len(study.get_trials(deepcopy=False, states=FINISHED)) < run.tune.n_trials
 
 
 def objective_class() -> type[Objective]:
