@@ -182,7 +182,7 @@ def test_a_study_refuses_an_invocation_that_changes_what_its_trials_mean(tmp_pat
     make_study(parse_tune(raw, {"n_trials": 3}), train_images=400, fixed=fixed_params(
         with_overrides(raw, {"train.mixed_precision": "off"}), tune))
     changes = [({"tune.max_gap": 0.05}, {}, "tune.max_gap 0.08, this invocation has 0.05"),
-               ({"tune.gap_growth": 1.0}, {}, "tune.gap_growth 2.5, this invocation has 1.0"),
+               ({"tune.gap_growth": 1.0}, {}, "tune.gap_growth 2.0, this invocation has 1.0"),
                ({"tune.lr_reference_batch": 32}, {}, "tune.lr_reference_batch 128, this "
                                                      "invocation has 32"),
                ({}, {"epochs": 3}, f"tune.epochs {tune.epochs}, this invocation has 3"),
@@ -218,7 +218,7 @@ def test_a_study_made_before_gap_growth_keeps_its_trials_limit(tmp_path):
     old = {k: v for k, v in study.user_attrs[IDENTITY].items() if k != "tune.gap_growth"}
     study.set_user_attr(IDENTITY, old)
     with pytest.raises(UserError, match="was made with tune.gap_growth 1.0, this invocation "
-                                        "has 2.5"):
+                                        "has 2.0"):
         make_study(tune, train_images=400, fixed=fixed_params(raw, tune))
     unscaled = with_overrides(raw, {"tune.gap_growth": 1.0})
     make_study(parse_tune(unscaled), train_images=400, fixed=fixed_params(unscaled, tune))

@@ -45,7 +45,7 @@ def test_the_parent_run_s_settings_are_json_and_the_images_used():
     assert json.loads(tags["tune.variants"]) == tune.variants
     settings = study_settings(tune, train_images=400)
     assert settings["tune.max_gap"] == "0.08" and settings["tune.train_limit"] == "400"
-    assert settings["tune.gap_growth"] == "2.5"
+    assert settings["tune.gap_growth"] == "2.0"
 
 
 def test_short_trials_are_held_to_max_gap_over_gap_growth_and_confirmations_to_max_gap():
@@ -54,9 +54,9 @@ def test_short_trials_are_held_to_max_gap_over_gap_growth_and_confirmations_to_m
     import confirmation
 
     tune = parse_tune(REAL)
-    assert (tune.max_gap, tune.gap_growth) == (0.08, 2.5)
-    assert tune.trial_max_gap == 0.032
-    assert tune.gap_limit == "0.032 (tune.max_gap 0.08 / tune.gap_growth 2.5)"
+    assert (tune.max_gap, tune.gap_growth) == (0.08, 2.0)
+    assert tune.trial_max_gap == 0.04
+    assert tune.gap_limit == "0.04 (tune.max_gap 0.08 / tune.gap_growth 2.0)"
     confirming = confirmation.companion(tune, pipeline_epochs=50)
     assert confirming.trial_max_gap == 0.08 and confirming.gap_limit == "tune.max_gap 0.08"
     unlimited = parse_tune(with_overrides(REAL, {"tune.max_gap": None}))
@@ -130,7 +130,7 @@ def test_the_gap_growth_flag_and_a_study_without_a_limit():
     tune.max_gap there is no limit to scale."""
     from tune import parse_args, settings_of
 
-    assert settings_of(parse_args([]), REAL).gap_growth == 2.5
+    assert settings_of(parse_args([]), REAL).gap_growth == 2.0
     assert settings_of(parse_args(["--gap-growth", "1"]), REAL).gap_growth == 1.0
     unlimited = settings_of(parse_args([]), with_overrides(REAL, {"tune.max_gap": None}))
     assert unlimited.gap_growth == 1.0 and unlimited.trial_max_gap is None
@@ -161,8 +161,8 @@ def test_no_winner_says_when_the_study_has_trials_left_to_run(n_trials, said):
     run = SimpleNamespace(tune=parse_tune(REAL, {"n_trials": n_trials}), full_length=False,
                           end="accuracy")
     assert tune_script.no_winner(run, study, None) == (
-        "no complete trial has an honest gap within 0.032 (tune.max_gap 0.08 / "
-        f"tune.gap_growth 2.5){said}")
+        "no complete trial has an honest gap within 0.04 (tune.max_gap 0.08 / "
+        f"tune.gap_growth 2.0){said}")
 
 
 @pytest.mark.parametrize("flag", ["apply", "apply_unconfirmed"])
@@ -212,12 +212,12 @@ def test_the_recipe_and_its_variants_run_first_and_a_rerun_continues_to_exactly_
     assert trials[1].user_attrs["recipe_variant"] == 1
     assert not any(t.user_attrs.get("recipe") for t in trials[1:])
     assert "recipe_variant" not in trials[2].user_attrs  # sampled
-    # the gap is a constraint: max_gap 0.5 for a trial of the pipeline's length, 0.5 / 2.5
+    # the gap is a constraint: max_gap 0.5 for a trial of the pipeline's length, 0.5 / 2.0
     # (tune.gap_growth) for these trials of half its epochs
     for trial in trials:
         gap = trial.user_attrs["honest_gap"]
         # Optuna's own form and the list optuna-dashboard reads (which Optuna names "0")
-        expected = pytest.approx(gap - 0.2, abs=1e-4)
+        expected = pytest.approx(gap - 0.25, abs=1e-4)
         assert trial.constraints == {"honest_gap": expected, "0": expected}
     # the winner is the best confirmed trial (train.epochs 2 against the trials' 1: each
     # invocation's best two trained again), the first of equals; its printed command carries the
@@ -234,7 +234,7 @@ def test_the_recipe_and_its_variants_run_first_and_a_rerun_continues_to_exactly_
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    for trial, limit in [*((t, "0.2") for t in trials), *((t, "0.5") for t in complete)]:
+    for trial, limit in [*((t, "0.25") for t in trials), *((t, "0.5") for t in complete)]:
         run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["optuna.gap_limit"] == limit
         assert run.data.tags["devices.policy"] == "float32"  # the precision it trained in
