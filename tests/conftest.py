@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import cifar
+from dblock import DatabaseLock
 from params import update_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,26 @@ def tool_env(**extra: str) -> dict[str, str]:
         env.setdefault(f"GIT_{role}_NAME", "test")
         env.setdefault(f"GIT_{role}_EMAIL", "test@localhost")
     return env | extra
+
+
+def runs_while_running(project: Path, experiment: str) -> list:
+    """`experiment`'s runs in the project's MLflow store ([] before it exists): for a
+    test that polls the store while a tool is starting. Read under the lock the tools create
+    the store under (tracking.configure): a read that creates it beside them races their
+    schema creation, and one of the two fails on a table the other made."""
+    import mlflow
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with DatabaseLock(uri, "mlflow-store"):
+        return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def training(project: Path, tag: str) -> bool:
+    """Whether a run of the project's tuning experiment tagged `tag` (optuna.trial: a trial,
+    optuna.confirms: a confirmation) has finished an epoch, so it is inside its training."""
+    return any(run.data.tags.get(tag) and "loss" in run.data.metrics
+               for run in runs_while_running(project, "cifar10-alexnet-tune"))
 
 
 def sh(*args: str, cwd: Path, check: bool = True, **extra_env: str

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import NO_STARTING_POINTS, sh, tool_env
+from conftest import NO_STARTING_POINTS, sh, tool_env, training
 from params import read_yaml, update_yaml
 from search_space import distributions
 
@@ -151,17 +151,17 @@ def test_apply_refuses_a_winner_measured_only_on_short_trials(short):
 
 
 def test_a_confirmation_killed_mid_way_is_retried_by_the_next_invocation(short):
-    # a confirmation long enough to be killed in; a dead worker's trial is failed after 2 s
-    update_yaml(short / "params.yaml", {"train.epochs": 25, "tune.heartbeat_interval": 1,
+    # a confirmation long enough to be killed in (about 0.07 s an epoch alone); a dead
+    # worker's trial is failed after 2 s
+    update_yaml(short / "params.yaml", {"train.epochs": 100, "tune.heartbeat_interval": 1,
                                         "tune.grace_period": 2})
     worker = subprocess.Popen([sys.executable, "src/tune.py", "--epochs", "1", "--n-trials", "2"],
                               cwd=short, env=tool_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not _confirming(short):
+    while not training(short, "optuna.confirms"):  # then killed in its training
         assert worker.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
-    time.sleep(3)  # inside the confirming trial's training
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(timeout=60)
     (killed,) = load(short, "regularization-confirm").trials
@@ -286,13 +286,6 @@ def test_a_trial_whose_last_epoch_ends_after_the_timeout_is_scored(tmp_path):
                    catch=(TimeoutReached,))
     (trial,) = study.trials
     assert trial.state == TrialState.COMPLETE
-
-
-def _confirming(project) -> bool:
-    try:
-        return any(r.data.tags.get("optuna.confirms") for r in runs(project))
-    except Exception:  # the store or experiment does not exist yet
-        return False
 
 
 def test_multi_objective_apply_says_which_end_and_takes_the_other_on_request(short):
