@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -86,13 +87,23 @@ def register(run_id: str, name: str, metrics: dict[str, float]) -> Registered:
         tags = {tag: run.data.tags[key] for key, tag in RUN_TAGS.items() if key in run.data.tags}
         tags |= {key: f"{metrics[key]:.4f}" for key in SCORES}
         first = not versions(name)
-        version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
+        version = mlflow.register_model(model_uri(run), name, tags=tags)
         client.update_model_version(name, version.version, description=describe(run.data.params))
         if first:
             client.set_registered_model_alias(name, ALIAS, version.version)
             client.update_registered_model(name, description=DESCRIPTION)
         return Registered(client.get_model_version(name, version.version), new=True,
                           champion=first)
+
+
+def model_uri(run: Run) -> str:
+    """The run's model by its MLflow 3 id (`models:/m-...`), the last one it logged.
+    `runs:/<run>/model` names no artifact in MLflow 3: registering it finds the same model
+    through a fallback that prints a warning on every evaluation."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not outputs:
+        return f"runs:/{run.info.run_id}/model"
+    return f"models:/{max(outputs, key=lambda output: output.step).model_id}"
 
 
 def _is_champion(name: str, version: ModelVersion) -> bool:

@@ -35,10 +35,16 @@ def registered(tmp_path_factory, tiny_archive):
     # no gap limit: a tiny model's gap says nothing; promote chooses on validation accuracy
     update_yaml(project / "params.yaml", {"tune.max_gap": None})
     sh("git", "commit", "-qam", "no gap limit", cwd=project)
-    first = sh("dvc", "repro", cwd=project).stdout
+    first = repro(project)
     update_yaml(project / "params.yaml", {"augment.flip": True, "train.epochs": 3})
-    second = sh("dvc", "repro", cwd=project).stdout
+    second = repro(project)
     return project, first, second
+
+
+def repro(project) -> str:
+    """`dvc repro`'s output: the stages' stdout, then their stderr (MLflow's log lines)."""
+    result = sh("dvc", "repro", cwd=project)
+    return result.stdout + result.stderr
 
 
 def client(project):
@@ -64,6 +70,10 @@ def test_every_evaluated_run_is_a_version_and_the_first_is_champion(registered):
     store = client(project)
     for version in found.values():
         run = store.get_run(version.run_id)
+        # the model the run logged, by its MLflow 3 id: not found through a fallback that warns
+        (output,) = run.outputs.model_outputs
+        assert version.source == f"models:/{output.model_id}"
+        assert "has no artifacts at artifact path" not in first + second
         assert version.tags["git.commit"] == run.data.tags["git.commit"]
         assert version.tags["data.md5"] == run.data.params["data.md5"]
         assert version.tags["keras.backend"].startswith("tensorflow ")
