@@ -121,6 +121,12 @@ def runs_url(experiment_id: str) -> str:
             f"&viewStateShareKey={VIEW_KEY}")
 
 
+def store_lock(uri: str) -> DatabaseLock:
+    """What a process holds while its first access to the store at `uri` may create or
+    migrate the schema."""
+    return DatabaseLock(uri, "mlflow-store")
+
+
 def configure(experiment: str, description: str = PIPELINE_DESCRIPTION,
               columns: tuple[str, ...] = PIPELINE_COLUMNS) -> str:
     """Point MLflow at the store, select `experiment` (created if needed); return the store URI.
@@ -136,7 +142,7 @@ def configure(experiment: str, description: str = PIPELINE_DESCRIPTION,
         wait_for_server(uri)
     mlflow.set_tracking_uri(uri)
     # the first access creates or migrates the store's schema: one process at a time
-    with DatabaseLock(uri, "mlflow-store"):
+    with store_lock(uri):
         tags = {**EXPERIMENT_TAGS, NOTE: description,
                 f"mlflow.sharedViewState.{VIEW_KEY}": table_view(columns)}
         found = mlflow.get_experiment_by_name(experiment)

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 import cifar
-from dblock import DatabaseLock
 from params import update_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,9 +177,11 @@ def runs_while_running(project: Path, experiment: str) -> list:
     schema creation, and one of the two fails on a table the other made."""
     import mlflow
 
+    import tracking
+
     uri = f"sqlite:///{project / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    with DatabaseLock(uri, "mlflow-store"):
+    with tracking.store_lock(uri):
         return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 

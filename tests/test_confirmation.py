@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import NO_STARTING_POINTS, sh, tool_env, training
+from conftest import NO_STARTING_POINTS, runs_while_running, sh, tool_env, training
 from params import read_yaml, update_yaml
 from search_space import distributions
 
@@ -47,8 +47,7 @@ def load(project, name):
 
 
 def runs(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["cifar10-alexnet-tune"], output_format="list")
+    return runs_while_running(project, "cifar10-alexnet-tune")
 
 
 def test_the_best_short_trials_are_trained_at_full_length_and_the_best_of_them_wins(

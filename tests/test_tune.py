@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import NO_STARTING_POINTS, sh, tool_env, training
+from conftest import NO_STARTING_POINTS, runs_while_running, sh, tool_env, training
 from params import load_params, parse_params, read_yaml, update_yaml, with_overrides
 
 pytestmark = pytest.mark.slow
@@ -57,8 +57,7 @@ def load(project, name="regularization"):
 
 
 def trial_runs(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["cifar10-alexnet-tune"], output_format="list")
+    return runs_while_running(project, "cifar10-alexnet-tune")
 
 
 def test_study_tracks_trials_and_writes_the_winner(tuned):
